@@ -1,0 +1,40 @@
+"""Request dependencies: settings, Redis, job store, storage and the Celery producer."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import redis
+from celery import Celery
+from fastapi import Depends, Request
+
+from services.common.jobs import JobStore
+from services.common.settings import Settings
+from services.common.storage import Storage
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_redis(request: Request) -> redis.Redis:
+    return request.app.state.redis
+
+
+def get_job_store(request: Request) -> JobStore:
+    return request.app.state.jobs
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+def get_celery(request: Request) -> Celery:
+    return request.app.state.celery
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RedisDep = Annotated[redis.Redis, Depends(get_redis)]
+JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]

@@ -1,0 +1,47 @@
+"""Response models of the public API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel
+
+from services.common.jobs import EditJob, EditParams, JobError, JobStatus, Progress
+
+
+class OutputRef(BaseModel):
+    index: int
+    url: str
+
+
+class EditJobResponse(BaseModel):
+    id: str
+    status: JobStatus
+    params: EditParams
+    progress: Progress
+    outputs: list[OutputRef]
+    error: JobError | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_job(cls, job: EditJob, output_urls: list[str]) -> EditJobResponse:
+        return cls(
+            id=job.id,
+            status=job.status,
+            params=job.params,
+            progress=job.progress,
+            outputs=[OutputRef(index=i, url=url) for i, url in enumerate(output_urls)],
+            error=job.error,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class ReadinessResponse(BaseModel):
+    ready: bool
+    redis: str
+    storage: str
+    workers: list[str]

@@ -1,0 +1,162 @@
+"""The edit job contract: its schema, its storage keys and its record in Redis.
+
+The API creates the record, the worker moves it through its states, and both read it.
+State changes are compare-and-set so a cancel racing a worker start is never lost.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import redis
+from pydantic import BaseModel, Field
+
+SEED_MAX = 2**32 - 1
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+
+FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
+
+
+class EditParams(BaseModel):
+    prompt: str = Field(min_length=1, max_length=500)
+    negative_prompt: str | None = Field(None, max_length=500)
+    num_inference_steps: int = Field(20, ge=1, le=100)
+    guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
+    image_guidance_scale: float = Field(1.5, ge=0.0, le=10.0)
+    seed: int = Field(default_factory=lambda: secrets.randbelow(SEED_MAX + 1), ge=0, le=SEED_MAX)
+    num_outputs: int = Field(1, ge=1, le=4)
+
+
+class Progress(BaseModel):
+    step: int = 0
+    total: int
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class EditJob(BaseModel):
+    id: str
+    status: JobStatus = JobStatus.queued
+    params: EditParams
+    progress: Progress
+    input_key: str
+    input_content_type: str
+    output_keys: list[str] = []
+    error: JobError | None = None
+    request_id: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @classmethod
+    def new(
+        cls, params: EditParams, input_content_type: str, request_id: str | None = None
+    ) -> EditJob:
+        job_id = new_job_id()
+        return cls(
+            id=job_id,
+            params=params,
+            progress=Progress(step=0, total=params.num_inference_steps),
+            input_key=input_key(job_id),
+            input_content_type=input_content_type,
+            request_id=request_id,
+            created_at=utcnow(),
+        )
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def input_key(job_id: str) -> str:
+    return f"edits/{job_id}/input"
+
+
+def output_key(job_id: str, index: int) -> str:
+    return f"edits/{job_id}/output_{index}.png"
+
+
+class JobNotFound(KeyError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+class TransitionRefused(Exception):
+    """The job is not in a state that allows the change (e.g. canceling a finished job)."""
+
+    def __init__(self, job: EditJob) -> None:
+        super().__init__(f"job {job.id} is {job.status}")
+        self.job = job
+
+
+class JobStore:
+    """Edit job records as JSON strings in Redis, one key per job, expiring after a TTL."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int, namespace: str = "instructedit") -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+        self.namespace = namespace
+
+    def _key(self, job_id: str) -> str:
+        return f"{self.namespace}:job:{job_id}"
+
+    def create(self, job: EditJob) -> None:
+        if not self.redis.set(self._key(job.id), job.model_dump_json(), ex=self.ttl_s, nx=True):
+            raise RuntimeError(f"job id collision: {job.id}")
+
+    def get(self, job_id: str) -> EditJob:
+        raw = self.redis.get(self._key(job_id))
+        if raw is None:
+            raise JobNotFound(job_id)
+        return EditJob.model_validate_json(raw)
+
+    def transition(
+        self, job_id: str, allowed_from: frozenset[JobStatus] | set[JobStatus], **changes: Any
+    ) -> EditJob:
+        """Apply `changes` only if the job's status is in `allowed_from`, atomically.
+
+        Raises TransitionRefused with the current record otherwise.
+        """
+        key = self._key(job_id)
+        while True:
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise JobNotFound(job_id)
+                    job = EditJob.model_validate_json(raw)
+                    if job.status not in allowed_from:
+                        raise TransitionRefused(job)
+                    updated = job.model_copy(update=changes)
+                    pipe.multi()
+                    pipe.set(key, updated.model_dump_json(), ex=self.ttl_s)
+                    pipe.execute()
+                    return updated
+                except redis.WatchError:
+                    time.sleep(0.001)
+                    continue
+
+    def delete(self, job_id: str) -> None:
+        self.redis.delete(self._key(job_id))

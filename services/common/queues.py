@@ -1,0 +1,6 @@
+"""Queue and task names shared by the API (producer) and the workers (consumers)."""
+
+EDITS_QUEUE = "edits"
+DATAGEN_QUEUE = "datagen"
+
+EDIT_TASK = "instructedit.edit"

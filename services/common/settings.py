@@ -1,0 +1,50 @@
+"""One settings class for every service; read from `INSTRUCTEDIT_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_EDIT_MODEL = "timbrooks/instruct-pix2pix"
+DEFAULT_DATAGEN_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INSTRUCTEDIT_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # file://<dir> (relative paths resolve against the working directory) or s3://bucket[/prefix]
+    storage_url: str = "file://./var/storage"
+    s3_endpoint_url: str | None = None
+    # Presigned URLs are signed for this endpoint: in compose the services reach MinIO as
+    # http://minio:9000, which a client on the host cannot resolve.
+    s3_public_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    presigned_url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
+
+    model: str = DEFAULT_EDIT_MODEL
+    datagen_model: str = DEFAULT_DATAGEN_MODEL
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_side: int = Field(512, ge=64, le=2048)
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+
+    job_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    # Hard and soft Celery limits per edit task; the soft one ends the job as failed cleanly.
+    task_soft_time_limit_s: int = Field(900, ge=1)
+    task_time_limit_s: int = Field(960, ge=1)
+    # Loading a full model from disk into a GPU can take minutes: Celery's default of
+    # 4 s for a new child to report alive would kill it mid-load.
+    worker_proc_alive_timeout_s: float = Field(600.0, ge=4)
+
+    # Absolute base for output URLs of file storage (e.g. behind a proxy); by default the
+    # API answers with URLs built from the incoming request.
+    public_base_url: str | None = None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

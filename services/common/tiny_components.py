@@ -1,0 +1,119 @@
+"""Tiny, randomly initialised Stable Diffusion components for offline development and tests.
+
+No model hub is reachable in CI, so the project generates its own miniature models: same
+classes and file layout as the real checkpoints (loaded through the same `from_pretrained`
+path), a few MB in size, deterministic for a seed. Their pictures are noise; their code
+paths are the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# A tokenizer-compatible vocab: every byte as a word piece and as a word end, no merges
+# beyond what the format requires. Text tokenises to one token per character.
+START_TOKEN = "<|startoftext|>"
+END_TOKEN = "<|endoftext|>"
+TEXT_HIDDEN = 32
+
+
+def _bytes_to_unicode() -> list[str]:
+    # CLIP's byte-level alphabet: printable bytes map to themselves, the rest above 255.
+    bs = list(range(ord("!"), ord("~") + 1))
+    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(directory: Path) -> int:
+    """Write a byte-level CLIP tokenizer (vocab.json, merges.txt); return its vocab size."""
+    from transformers import CLIPTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    alphabet = _bytes_to_unicode()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [START_TOKEN, END_TOKEN]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (directory / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    # from_pretrained reads vocab.json + merges.txt in every transformers version; the
+    # constructor's arguments changed between 4.x and 5.x.
+    tokenizer = CLIPTokenizer.from_pretrained(directory, model_max_length=77)
+    tokenizer.save_pretrained(directory)
+    return len(vocab)
+
+
+def build_text_encoder(vocab_size: int, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        layer_norm_eps=1e-5,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        projection_dim=32,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def build_vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    # Four blocks give the real model's 8x latent downsampling, so image sizes behave alike.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    ).eval()
+
+
+def build_unet(in_channels: int, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
+def build_euler_ancestral_scheduler():
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    # Stable Diffusion 1.x's noise schedule.
+    return EulerAncestralDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+    )
