@@ -60,8 +60,13 @@ def decode_image(data: bytes) -> DecodedImage:
         raise
     except UnidentifiedImageError:
         raise ImageRejected("not_an_image", "the uploaded file is not an image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
         raise ImageRejected(
             "corrupt_image", f"the image could not be decoded (truncated or corrupt): {exc}"
         ) from None

@@ -26,7 +26,9 @@ class ObjectNotFound(StorageError):
 
 
 class Storage(Protocol):
-    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+    def put(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None: ...
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
@@ -34,6 +36,7 @@ class Storage(Protocol):
     def presigned_url(self, key: str, expires_s: int) -> str | None:
         """A URL a client can GET directly, or None when the store has none (files)."""
         ...
+
     def ping(self) -> None: ...
 
 
@@ -168,7 +171,7 @@ class S3Storage:
         self._call(self._client.delete_object, Bucket=self.bucket, Key=self._key(key))
 
     def list(self, prefix: str) -> list[str]:
-        full = self._key(prefix) if prefix else self.prefix
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
         keys: list[str] = []
         paginator = self._client.get_paginator("list_objects_v2")

@@ -103,7 +103,9 @@ def run_edit_job(
         if _is_out_of_memory(exc):
             _release_gpu_memory()
             return _fail(
-                jobs, job_id, "out_of_memory",
+                jobs,
+                job_id,
+                "out_of_memory",
                 "the GPU ran out of memory; try a smaller image or fewer outputs",
             )
         log.exception("job %s failed", job_id)
@@ -114,13 +116,17 @@ def _edit(job: EditJob, engine: EditEngine, jobs: JobStore, storage: Storage, ma
     try:
         raw = storage.get(job.input_key)
     except ObjectNotFound:
-        raise JobFailure("input_missing", f"the input image {job.input_key} is not in storage") from None
+        raise JobFailure(
+            "input_missing", f"the input image {job.input_key} is not in storage"
+        ) from None
     except StorageError as exc:
         raise JobFailure("storage_error", f"could not read the input image: {exc}") from None
     try:
         image = to_model_input(decode_image(raw).image, max_side)
     except ImageRejected as exc:
-        raise JobFailure("input_invalid", f"the stored input image is unusable: {exc.message}") from None
+        raise JobFailure(
+            "input_invalid", f"the stored input image is unusable: {exc.message}"
+        ) from None
 
     def on_step(step: int, total: int) -> None:
         try:

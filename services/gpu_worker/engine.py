@@ -65,7 +65,9 @@ class EditEngine:
         attention = self._select_attention(pipe, device)
         self.pipe = pipe
         self.info = EngineInfo(
-            model=self.model_path, device=str(device), dtype=str(dtype).removeprefix("torch."),
+            model=self.model_path,
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
             attention=attention,
         )
         log.info("edit engine ready: %s", self.info)
@@ -121,6 +123,7 @@ class EditEngine:
             ).images
             return self.decode(latents)
 
+    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.pipe.vae
         scaled = latents / vae.config.scaling_factor

@@ -103,7 +103,9 @@ def submit_edit(
         storage.put(job.input_key, data, decoded.content_type)
     except StorageError as exc:
         log.error("storing input of job %s failed: %s", job.id, exc)
-        raise APIError(503, "storage_unavailable", "the image could not be stored; retry later") from None
+        raise APIError(
+            503, "storage_unavailable", "the image could not be stored; retry later"
+        ) from None
     jobs.create(job)
     try:
         # Only the id travels through the broker; the worker reads everything else.
@@ -117,7 +119,9 @@ def submit_edit(
             error=JobError(code="enqueue_failed", message="the job could not be queued"),
             finished_at=utcnow(),
         )
-        raise APIError(503, "queue_unavailable", "the job could not be queued; retry later") from None
+        raise APIError(
+            503, "queue_unavailable", "the job could not be queued; retry later"
+        ) from None
 
     response.headers["Location"] = f"/v1/edits/{job.id}"
     return _respond(job, request, storage, settings)

@@ -16,7 +16,9 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=ReadinessResponse, responses={503: {"model": ReadinessResponse}})
+@router.get(
+    "/readyz", response_model=ReadinessResponse, responses={503: {"model": ReadinessResponse}}
+)
 def readyz(redis: RedisDep, storage: StorageDep, celery: CeleryDep) -> JSONResponse:
     checks = {"redis": "ok", "storage": "ok"}
     try:

@@ -1,0 +1,40 @@
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from services.api.main import create_app
+from services.common.settings import Settings
+from services.common.storage import FileStorage
+
+
+@pytest.fixture
+def settings(redis_url, tmp_path) -> Settings:
+    return Settings(
+        redis_url=redis_url,
+        storage_url=f"file://{tmp_path}/storage",
+        max_upload_bytes=200_000,
+    )
+
+
+@pytest.fixture
+def client(settings):
+    """The ASGI app over httpx, with a real Redis and no worker consuming the queue."""
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+@pytest.fixture
+def queue_len(settings):
+    r = redis.Redis.from_url(settings.redis_url)
+    return lambda: r.llen("edits")
+
+
+@pytest.fixture
+def job_keys(settings):
+    r = redis.Redis.from_url(settings.redis_url)
+    return lambda: r.keys("instructedit:job:*")
+
+
+@pytest.fixture
+def stored(settings, tmp_path):
+    return lambda: FileStorage(tmp_path / "storage").list("")

@@ -1,0 +1,83 @@
+"""A running stack for end-to-end tests: real Redis, a real prefork Celery worker with the
+tiny model, and the API served by uvicorn over real HTTP."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import redis_db_url
+from tests.stack import Service, free_port, service_env, start_api, start_worker
+
+
+@dataclass
+class Stack:
+    api: Service
+    worker: Service
+    base_url: str
+    redis: redis.Redis
+    settings: dict[str, str]
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30)
+
+    def wait_for(self, job_id: str, predicate, timeout: float = 90) -> dict:
+        deadline = time.monotonic() + timeout
+        with self.client() as c:
+            while time.monotonic() < deadline:
+                job = c.get(f"/v1/edits/{job_id}").json()
+                if predicate(job):
+                    return job
+                time.sleep(0.05)
+        raise TimeoutError(f"job {job_id} stuck at {job}\nworker log:\n{self.worker.log()[-4000:]}")
+
+    def wait_finished(self, job_id: str, timeout: float = 90) -> dict:
+        return self.wait_for(
+            job_id, lambda j: j["status"] in ("succeeded", "failed", "canceled"), timeout
+        )
+
+
+def start_stack(tmp_path_factory, model_dir: str, db: int, **extra: str):
+    redis_url = redis_db_url(db)
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    logs = tmp_path_factory.mktemp("logs")
+    settings = {
+        "redis_url": redis_url,
+        "storage_url": f"file://{tmp_path_factory.mktemp('storage')}",
+        "model": model_dir,
+        "device": "cpu",
+        **extra,
+    }
+    env = service_env(**settings)
+    worker = start_worker(env, logs)
+    port = free_port()
+    try:
+        api = start_api(env, logs, port)
+    except Exception:
+        worker.stop()
+        raise
+    stack = Stack(api, worker, f"http://127.0.0.1:{port}", client, settings)
+
+    def engine_ready() -> bool:
+        return "edit engine ready" in worker.log()
+
+    try:
+        worker.wait_until(engine_ready, 120, "loaded")
+    except Exception:
+        api.stop()
+        worker.stop()
+        raise
+    return stack
+
+
+@pytest.fixture(scope="session")
+def stack(redis_server, tiny_model_dir, tmp_path_factory):
+    stack = start_stack(tmp_path_factory, tiny_model_dir, db=13)
+    yield stack
+    stack.api.stop()
+    stack.worker.stop()

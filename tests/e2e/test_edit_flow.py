@@ -1,0 +1,160 @@
+"""Submit, poll, download and cancel through the real stack."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionInstructPix2PixPipeline
+from PIL import Image
+
+from tests.conftest import image_bytes
+
+pytestmark = pytest.mark.e2e
+
+
+def submit(client, image: bytes | None = None, **fields) -> dict:
+    fields.setdefault("prompt", "print a spiderman logo on it")
+    response = client.post(
+        "/v1/edits",
+        files={"image": ("hoodie.png", image or image_bytes((64, 48)), "image/png")},
+        data={k: str(v) for k, v in fields.items()},
+    )
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def direct_pipeline_outputs(model_dir, image_png: bytes, params: dict) -> list[np.ndarray]:
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        prompt=params["prompt"],
+        image=Image.open(io.BytesIO(image_png)).convert("RGB"),
+        negative_prompt=params["negative_prompt"],
+        num_inference_steps=params["num_inference_steps"],
+        guidance_scale=params["guidance_scale"],
+        image_guidance_scale=params["image_guidance_scale"],
+        num_images_per_prompt=params["num_outputs"],
+        generator=torch.Generator().manual_seed(params["seed"]),
+    ).images
+    return [np.asarray(im) for im in images]
+
+
+@pytest.mark.parametrize("num_outputs", [1, 2])
+def test_edit_matches_the_pipeline_pixel_for_pixel(stack, tiny_model_dir, num_outputs):
+    photo = image_bytes((64, 48))
+    with stack.client() as client:
+        job = submit(
+            client, photo, num_inference_steps=5, guidance_scale=7.0, image_guidance_scale=1.4,
+            seed=2024, num_outputs=num_outputs,
+        )
+        done = stack.wait_finished(job["id"])
+        assert done["status"] == "succeeded", done
+        assert done["progress"] == {"step": 5, "total": 5}
+        assert done["started_at"] and done["finished_at"]
+        assert [o["index"] for o in done["outputs"]] == list(range(num_outputs))
+
+        expected = direct_pipeline_outputs(tiny_model_dir, photo, done["params"])
+        for output, reference in zip(done["outputs"], expected, strict=True):
+            assert output["url"] == f"{stack.base_url}/v1/edits/{job['id']}/outputs/{output['index']}"
+            response = client.get(output["url"])
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "image/png"
+            got = Image.open(io.BytesIO(response.content))
+            assert got.format == "PNG" and got.size == (64, 48)
+            assert np.array_equal(np.asarray(got), reference)
+
+    storage_root = Path(stack.settings["storage_url"].removeprefix("file://"))
+    stored = sorted(p.name for p in (storage_root / "edits" / job["id"]).iterdir())
+    assert stored == ["input"] + [f"output_{i}.png" for i in range(num_outputs)]
+
+
+def test_large_photo_is_resized_keeping_aspect(stack):
+    with stack.client() as client:
+        job = submit(client, image_bytes((1200, 900), fmt="JPEG"), num_inference_steps=1)
+        done = stack.wait_finished(job["id"])
+        assert done["status"] == "succeeded", done
+        png = client.get(done["outputs"][0]["url"]).content
+    assert Image.open(io.BytesIO(png)).size == (512, 384)
+
+
+def test_readiness_sees_the_worker(stack):
+    with stack.client() as client:
+        ready = client.get("/readyz").json()
+    assert ready["ready"] is True
+    assert any(name.startswith("worker-") for name in ready["workers"])
+
+
+LONG = {"num_inference_steps": 100}
+
+
+def long_photo() -> bytes:
+    # Large latents make each tiny-model step slow enough to cancel mid-run.
+    return image_bytes((512, 512))
+
+
+def test_cancel_running_job_stops_at_next_step(stack):
+    with stack.client() as client:
+        job = submit(client, long_photo(), **LONG)
+        running = stack.wait_for(job["id"], lambda j: j["progress"]["step"] >= 2)
+        assert running["status"] == "running"
+        canceled = client.post(f"/v1/edits/{job['id']}/cancel")
+        assert canceled.status_code == 200
+        assert canceled.json()["status"] == "canceled"
+        step_at_cancel = canceled.json()["progress"]["step"]
+
+        # The worker notices at its next step; its later progress writes are refused.
+        follow_up = submit(client, num_inference_steps=1)
+        assert stack.wait_finished(follow_up["id"])["status"] == "succeeded"
+        final = client.get(f"/v1/edits/{job['id']}").json()
+        assert final["status"] == "canceled"
+        assert final["outputs"] == []
+        assert final["progress"]["step"] == step_at_cancel < 100
+        assert client.post(f"/v1/edits/{job['id']}/cancel").status_code == 409
+    assert f"job {job['id']} was canceled while running" in stack.worker.log()
+
+
+def test_cancel_queued_job_never_runs(stack):
+    with stack.client() as client:
+        blocker = submit(client, long_photo(), **LONG)
+        stack.wait_for(blocker["id"], lambda j: j["status"] == "running")
+        queued = submit(client, num_inference_steps=1)
+        assert client.get(f"/v1/edits/{queued['id']}").json()["status"] == "queued"
+        assert client.post(f"/v1/edits/{queued['id']}/cancel").json()["status"] == "canceled"
+        client.post(f"/v1/edits/{blocker['id']}/cancel")
+        # A job submitted after the canceled one is handled after it (one worker, FIFO).
+        after = submit(client, num_inference_steps=1)
+        assert stack.wait_finished(after["id"])["status"] == "succeeded"
+        final = client.get(f"/v1/edits/{queued['id']}").json()
+    assert final["status"] == "canceled"
+    assert final["started_at"] is None
+    assert f"job {queued['id']} is canceled; not running it" in stack.worker.log()
+
+
+def _input_path(stack, job_id: str) -> Path:
+    return Path(stack.settings["storage_url"].removeprefix("file://")) / "edits" / job_id / "input"
+
+
+@pytest.mark.parametrize(
+    "damage,code",
+    [
+        (lambda path: path.write_bytes(path.read_bytes()[:100]), "input_invalid"),
+        (lambda path: path.unlink(), "input_missing"),
+    ],
+    ids=["corrupted", "deleted"],
+)
+def test_damaged_stored_input_fails_the_job(stack, damage, code):
+    with stack.client() as client:
+        blocker = submit(client, long_photo(), **LONG)
+        stack.wait_for(blocker["id"], lambda j: j["status"] == "running")
+        victim = submit(client, image_bytes((256, 256)), num_inference_steps=1)
+        damage(_input_path(stack, victim["id"]))
+        client.post(f"/v1/edits/{blocker['id']}/cancel")
+        done = stack.wait_finished(victim["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == code
+    assert victim["id"] in done["error"]["message"] or "image" in done["error"]["message"]
+    assert done["finished_at"] is not None

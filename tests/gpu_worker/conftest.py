@@ -1,0 +1,10 @@
+import pytest
+
+from services.gpu_worker.engine import EditEngine
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model_dir):
+    engine = EditEngine(tiny_model_dir, device="cpu")
+    engine.setup()
+    return engine
