@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 import os
+import uuid
 
 import pytest
 import redis
 from PIL import Image
 
-TEST_REDIS_URL = os.environ.get("INSTRUCTEDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_REDIS_URL = os.environ.get("INSTRUCTEDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+CLAIM_KEY = "instructedit:test-claim"
+# Database 0 is what `make run` uses by default; tests never touch it.
+TEST_DBS = range(1, 16)
 
 
 def redis_db_url(db: int) -> str:
@@ -27,12 +31,46 @@ def redis_server() -> str:
     return TEST_REDIS_URL
 
 
+@pytest.fixture(scope="session")
+def claim_redis_db(redis_server):
+    """Hand out Redis databases that no other test session is using, emptied.
+
+    Two pytest runs on one machine (or a developer's `make run`) must never consume each
+    other's queues, so each database is claimed with a key that only this session owns.
+    """
+    token = f"{os.getpid()}-{uuid.uuid4().hex}"
+    claimed: list[redis.Redis] = []
+
+    def claim() -> str:
+        for db in TEST_DBS:
+            url = redis_db_url(db)
+            client = redis.Redis.from_url(url)
+            if client.set(CLAIM_KEY, token, nx=True, ex=3600):
+                client.flushdb()
+                client.set(CLAIM_KEY, token, ex=3600)
+                claimed.append(client)
+                return url
+        pytest.fail("no free Redis database for this test session (all 15 claimed)")
+
+    yield claim
+    for client in claimed:
+        if client.get(CLAIM_KEY) == token.encode():
+            client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def _function_db(claim_redis_db) -> str:
+    return claim_redis_db()
+
+
 @pytest.fixture
-def redis_url(redis_server) -> str:
-    """A Redis database of its own, emptied before the test."""
-    url = redis_db_url(14)
-    redis.Redis.from_url(url).flushdb()
-    return url
+def redis_url(_function_db) -> str:
+    """A Redis database of this session's, emptied before the test."""
+    client = redis.Redis.from_url(_function_db)
+    token = client.get(CLAIM_KEY)
+    client.flushdb()
+    client.set(CLAIM_KEY, token, ex=3600)
+    return _function_db
 
 
 @pytest.fixture(scope="session")

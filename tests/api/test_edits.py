@@ -157,5 +157,9 @@ def test_readiness_fails_without_redis(settings, tmp_path):
 
 def test_openapi_documents_the_edit_routes(client):
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/v1/edits", "/v1/edits/{job_id}", "/v1/edits/{job_id}/outputs/{index}",
-            "/v1/edits/{job_id}/cancel"} <= set(paths)
+    assert {
+        "/v1/edits",
+        "/v1/edits/{job_id}",
+        "/v1/edits/{job_id}/outputs/{index}",
+        "/v1/edits/{job_id}/cancel",
+    } <= set(paths)

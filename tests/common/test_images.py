@@ -95,8 +95,9 @@ def test_bad_images_are_rejected_with_a_reason(data, code):
     assert info.value.message
 
 
-@pytest.mark.parametrize("fmt,content_type", [("JPEG", "image/jpeg"), ("PNG", "image/png"),
-                                              ("WEBP", "image/webp")])
+@pytest.mark.parametrize(
+    "fmt,content_type", [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")]
+)
 def test_accepted_formats(fmt, content_type):
     decoded = decode_image(image_bytes(fmt=fmt))
     assert decoded.content_type == content_type

@@ -49,29 +49,31 @@ def test_transition_respects_allowed_states(store):
     assert info.value.job.status == JobStatus.canceled
 
 
+def _race(store, job_id, statuses):
+    results = []
+    barrier = threading.Barrier(len(statuses))
+
+    def attempt(status):
+        barrier.wait()
+        try:
+            store.transition(job_id, {JobStatus.queued}, status=status)
+            results.append(status)
+        except TransitionRefused:
+            pass
+
+    threads = [threading.Thread(target=attempt, args=(s,)) for s in statuses]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def test_racing_transitions_exactly_one_wins(store):
     """A cancel and a worker start racing on one job: exactly one of them applies."""
     for _ in range(20):
         job = EditJob.new(EditParams(prompt="x"), "image/png")
         store.create(job)
-        results = []
-        barrier = threading.Barrier(2)
-
-        def attempt(status):
-            barrier.wait()
-            try:
-                store.transition(job.id, {JobStatus.queued}, status=status)
-                results.append(status)
-            except TransitionRefused:
-                pass
-
-        threads = [
-            threading.Thread(target=attempt, args=(s,))
-            for s in (JobStatus.running, JobStatus.canceled)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = _race(store, job.id, [JobStatus.running, JobStatus.canceled])
         assert len(results) == 1
         assert store.get(job.id).status == results[0]

@@ -36,9 +36,7 @@ def aws_env(monkeypatch):
 @pytest.fixture
 def s3_bucket(s3_endpoint, aws_env):
     name = f"bucket-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
-        Bucket=name
-    )
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return name
 
 

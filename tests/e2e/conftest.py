@@ -10,7 +10,6 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import redis_db_url
 from tests.stack import Service, free_port, service_env, start_api, start_worker
 
 
@@ -41,10 +40,8 @@ class Stack:
         )
 
 
-def start_stack(tmp_path_factory, model_dir: str, db: int, **extra: str):
-    redis_url = redis_db_url(db)
+def start_stack(tmp_path_factory, model_dir: str, redis_url: str, **extra: str):
     client = redis.Redis.from_url(redis_url)
-    client.flushdb()
     logs = tmp_path_factory.mktemp("logs")
     settings = {
         "redis_url": redis_url,
@@ -76,8 +73,8 @@ def start_stack(tmp_path_factory, model_dir: str, db: int, **extra: str):
 
 
 @pytest.fixture(scope="session")
-def stack(redis_server, tiny_model_dir, tmp_path_factory):
-    stack = start_stack(tmp_path_factory, tiny_model_dir, db=13)
+def stack(claim_redis_db, tiny_model_dir, tmp_path_factory):
+    stack = start_stack(tmp_path_factory, tiny_model_dir, claim_redis_db())
     yield stack
     stack.api.stop()
     stack.worker.stop()

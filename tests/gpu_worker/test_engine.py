@@ -78,8 +78,9 @@ def test_step_callback_reports_progress_and_can_stop(engine):
             raise Stop
 
     with pytest.raises(Stop):
-        engine.predict(product_photo(), EditParams(prompt="x", num_inference_steps=10),
-                       on_step=on_step)
+        engine.predict(
+            product_photo(), EditParams(prompt="x", num_inference_steps=10), on_step=on_step
+        )
     assert steps == [(1, 10), (2, 10), (3, 10)]
 
 

@@ -8,7 +8,7 @@ def test_local_directory_resolves(tiny_model_dir):
 
 
 def test_directory_without_pipeline(tmp_path):
-    with pytest.raises(ModelUnavailable, match="no model_index.json"):
+    with pytest.raises(ModelUnavailable, match=r"no model_index\.json"):
         resolve_model(str(tmp_path))
 
 

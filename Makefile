@@ -1,0 +1,44 @@
+# InstructEdit developer commands. `make run` starts the stack, `make test` runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# MODEL=tiny runs fully offline with a generated tiny model; any hub id or directory works.
+MODEL ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install run test lint format tiny-model clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# The CPU build of torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	MODEL='$(MODEL)' HOST='$(HOST)' PORT='$(PORT)' VENV='$(VENV)' bash scripts/run-local.sh
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check services tests bench
+
+format: install
+	$(BIN)/ruff format services tests bench
+	$(BIN)/ruff check --fix .
+
+tiny-model: install
+	$(BIN)/python -m services.gpu_worker.tiny_model var/models/tiny
+
+clean:
+	rm -rf var .pytest_cache .ruff_cache

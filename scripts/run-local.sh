@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Start the local stack: Redis (if nothing answers), the API on HOST:PORT and one worker,
+# with file storage under ./var. Ctrl-C stops everything this script started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+BIN=$VENV/bin
+HOST=${HOST:-127.0.0.1}
+PORT=${PORT:-8000}
+export INSTRUCTEDIT_REDIS_URL=${INSTRUCTEDIT_REDIS_URL:-redis://127.0.0.1:6379/0}
+export INSTRUCTEDIT_STORAGE_URL=${INSTRUCTEDIT_STORAGE_URL:-file://$PWD/var/storage}
+
+if [[ "${MODEL:-}" == "tiny" ]]; then
+  if [[ ! -f var/models/tiny/model_index.json ]]; then
+    echo "generating the tiny offline model in var/models/tiny ..."
+    "$BIN/python" -m services.gpu_worker.tiny_model var/models/tiny
+  fi
+  export INSTRUCTEDIT_MODEL=$PWD/var/models/tiny
+elif [[ -n "${MODEL:-}" ]]; then
+  export INSTRUCTEDIT_MODEL=$MODEL
+fi
+
+pids=()
+cleanup() {
+  trap - INT TERM EXIT
+  echo "stopping ..."
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup INT TERM EXIT
+
+read -r redis_host redis_port < <("$BIN/python" -c '
+import os, urllib.parse as u
+url = u.urlparse(os.environ["INSTRUCTEDIT_REDIS_URL"])
+print(url.hostname or "127.0.0.1", url.port or 6379)')
+
+if ! "$BIN/python" -c 'import os, redis; redis.Redis.from_url(os.environ["INSTRUCTEDIT_REDIS_URL"]).ping()' 2>/dev/null; then
+  if ! command -v redis-server >/dev/null; then
+    echo "Nothing answers at $INSTRUCTEDIT_REDIS_URL and redis-server is not installed." >&2
+    echo "Install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis)," >&2
+    echo "or point INSTRUCTEDIT_REDIS_URL at a running Redis." >&2
+    exit 1
+  fi
+  mkdir -p var/redis
+  echo "starting redis-server on $redis_host:$redis_port ..."
+  redis-server --bind "$redis_host" --port "$redis_port" --dir "$PWD/var/redis" \
+    --save "" --appendonly no --logfile "$PWD/var/redis/redis.log" &
+  pids+=($!)
+  for _ in $(seq 50); do
+    redis-cli -h "$redis_host" -p "$redis_port" ping >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+fi
+
+echo "model: ${INSTRUCTEDIT_MODEL:-timbrooks/instruct-pix2pix (default)}"
+echo "storage: $INSTRUCTEDIT_STORAGE_URL"
+"$BIN/celery" --app services.gpu_worker.celery_worker worker --queues edits \
+  --pool prefork --concurrency 1 --loglevel INFO &
+pids+=($!)
+"$BIN/uvicorn" services.api.main:app --host "$HOST" --port "$PORT" &
+pids+=($!)
+echo "API on http://$HOST:$PORT (docs at /docs); Ctrl-C stops everything."
+
+# Whichever exits first (e.g. a worker that cannot find its model) takes the rest down.
+set +e
+wait -n "${pids[@]}"
+status=$?
+exit $status
