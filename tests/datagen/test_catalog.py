@@ -1,0 +1,181 @@
+"""The packaged catalog's content, and the loader's validation."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from services.datagen.text import EDIT_TYPES, CatalogError, indefinite_article, load_catalog
+from services.datagen.text.catalog import ATTRIBUTE_SLOTS
+
+from .conftest import tiny_category, tiny_common, write_catalog
+
+REQUIRED_CATEGORIES = {
+    "apparel",
+    "footwear",
+    "bags_accessories",
+    "jewelry_watches",
+    "electronics",
+    "furniture",
+    "home_kitchen",
+    "beauty_personal_care",
+    "sports_outdoors",
+    "toys",
+}
+
+
+def test_catalog_has_the_ten_categories(catalog):
+    assert set(catalog.category_names) >= REQUIRED_CATEGORIES
+
+
+def test_every_category_is_rich(catalog):
+    for category in catalog.categories:
+        assert len(category.products) >= 25, category.name
+        assert len(category.surfaces) >= 10, category.name
+        assert len(category.places) >= 10, category.name
+        assert len(category.companions) >= 10, category.name
+        products_with = {
+            slot: sum(bool(p.values[slot]) for p in category.products) for slot in ATTRIBUTE_SLOTS
+        }
+        assert products_with["color"] == len(category.products), category.name
+        assert products_with["material"] >= len(category.products) * 0.8, category.name
+
+
+def test_every_category_supports_every_edit_type(catalog):
+    for category in catalog.categories:
+        unsupported = [
+            edit.name
+            for edit in EDIT_TYPES
+            if not any(edit.supports(catalog, category, p) for p in category.products)
+        ]
+        assert not unsupported, category.name
+
+
+def test_materials_are_per_product(catalog):
+    # "make it leather" must not reach a smartphone.
+    electronics = catalog.category("electronics")
+    smartphone = next(p for p in electronics.products if p.noun == "smartphone")
+    assert "leather" not in smartphone.values["material"]
+    assert "aluminum" in smartphone.values["material"]
+
+
+_ARTICLE_USE = re.compile(r"(?:^|\s)(a|an) ([A-Za-z0-9][\w'-]*)")
+
+
+def _catalog_phrases(catalog):
+    yield from catalog.patterns.values()
+    yield from catalog.mediums
+    yield catalog.plain_background
+    for cues in (
+        catalog.weather,
+        catalog.views,
+        catalog.filters,
+        catalog.decors,
+        catalog.lightings,
+        catalog.times_of_day,
+        catalog.seasons,
+    ):
+        for cue in cues:
+            yield cue.phrase
+            yield cue.name
+            yield from cue.instructions
+    for category in catalog.categories:
+        yield from category.surfaces
+        yield from category.places
+        yield from category.backgrounds
+        yield from category.companions
+
+
+def test_hand_written_articles_agree_with_the_article_rule(catalog):
+    wrong = [
+        phrase
+        for phrase in _catalog_phrases(catalog)
+        for article, word in _ARTICLE_USE.findall(phrase)
+        if article != indefinite_article(word)
+    ]
+    assert not wrong
+
+
+def test_companions_are_written_without_an_article(catalog):
+    for category in catalog.categories:
+        for companion in category.companions:
+            assert not companion.startswith(("a ", "an ", "the ")), companion
+
+
+def test_the_packaged_catalog_is_loaded_once(catalog):
+    assert load_catalog() is catalog
+
+
+def test_a_minimal_catalog_loads(tmp_path):
+    catalog = load_catalog(write_catalog(tmp_path))
+    assert catalog.category_names == ("mugs",)
+    teacups = catalog.categories[0].products[1]
+    assert teacups.unit == "set" and teacups.values["color"] == ("red", "blue")
+
+
+def _broken(tmp_path, *, common=None, category=None):
+    write_catalog(tmp_path, common or tiny_common(), [category or tiny_category()])
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["defaults"].update(pattern=["zigzag"]), "unknown pattern"),
+        (lambda c: c.update(graphic_methods=["tattoo"]), "unknown method"),
+        (lambda c: c.update(name="cups", file_stem="mugs"), "must match the file name"),
+        (lambda c: c.update(colour=["red"]), "unknown key"),
+        (lambda c: c["products"].append({"noun": "jug", "unit": "dozen"}), "must be one of"),
+        (lambda c: c["products"].append({"noun": "mug"}), "duplicate nouns"),
+        (lambda c: c["products"].append({"noun": "jug", "colour": ["red"]}), "unknown key"),
+        (lambda c: c.update(surfaces=["table"]), "must start with 'on '"),
+        (lambda c: c.update(companions=["spoon", "spoon"]), "duplicate values"),
+        (lambda c: c.update(companions=["spoon "]), "stray spaces"),
+        (lambda c: c.update(companions=[]), "non-empty list"),
+        (lambda c: c["defaults"].update(color=[]), "needs colors"),
+        (lambda c: c.pop("surfaces"), "missing"),
+        (lambda c: c.update(backgrounds=["a plain white background"]), "plain background"),
+    ],
+)
+def test_broken_category_files_are_refused(tmp_path, change, message):
+    category = tiny_category()
+    change(category)
+    with pytest.raises(CatalogError, match=message):
+        load_catalog(_broken(tmp_path, category=category))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["views"][0].update(instructions=["show {thing}"]), "unknown fields"),
+        (lambda c: c["views"][0].update(instructions=["show {it"]), "bad template"),
+        (lambda c: c.pop("logos"), "missing"),
+        (lambda c: c.update(mediums="sketch"), "non-empty list"),
+        (lambda c: c["seasons"][0].pop("name"), "missing"),
+        (lambda c: c["input_odds"].update(view=1.5), "from 0 to 1"),
+        (lambda c: c["input_odds"].pop("view"), "missing"),
+        (lambda c: c["input_odds"].update(surface=0.5), "must add up to 1"),
+        (lambda c: c["input_odds"].update(weather=0.7, season=0.7), "at most 1"),
+        (lambda c: c["input_odds"].update(sparkle=0.1), "unknown key"),
+    ],
+)
+def test_broken_common_files_are_refused(tmp_path, change, message):
+    common = tiny_common()
+    change(common)
+    with pytest.raises(CatalogError, match=message):
+        load_catalog(_broken(tmp_path, common=common))
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    write_catalog(tmp_path)
+    (tmp_path / "mugs.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(CatalogError, match=r"mugs\.yaml: not valid YAML"):
+        load_catalog(tmp_path)
+
+
+def test_a_directory_without_common_is_refused(tmp_path):
+    (tmp_path / "mugs.yaml").write_text(yaml.safe_dump(tiny_category()))
+    with pytest.raises(CatalogError, match=r"no common\.yaml"):
+        load_catalog(tmp_path)

@@ -1,0 +1,28 @@
+"""docs/DATAGEN.md pastes tables generated from the code; keep them current.
+
+Regenerate with ``python -m services.datagen.text.taxonomy`` and paste.
+"""
+
+from pathlib import Path
+
+from services.datagen.text import synthesize
+from services.datagen.text.taxonomy import (
+    DOC_SEED,
+    category_table,
+    edit_type_table,
+    examples,
+    matrix,
+    sample_table,
+)
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "DATAGEN.md"
+
+
+def test_datagen_doc_tables_match_the_code(catalog):
+    text = DOC.read_text(encoding="utf-8")
+    found = examples(catalog)
+    assert category_table(catalog) in text
+    assert edit_type_table(catalog, found) in text
+    assert matrix(catalog, found) in text
+    assert sample_table(synthesize(10, DOC_SEED, catalog)) in text
+    assert "## Image pairs" in text
