@@ -1,0 +1,181 @@
+# syntax=docker/dockerfile:1.7
+#
+# InstructEdit dataset generator worker: Celery (queue "datagen"), Stable
+# Diffusion product shots + InstructPix2Pix edits.
+#
+# Same layout, pins and build args as docker/gpu_worker.Dockerfile (keep the
+# two in step: tests/docker checks that their pins agree). The stages up to
+# the torch/xformers install are identical, so BuildKit shares those (large)
+# layers between the two images.
+#
+# Targets:
+#   cuda (default, last stage)  CUDA torch + xformers on an nvidia/cuda base.
+#   cpu                         CPU torch, no xformers (compose profile "cpu").
+#
+#   docker build -f docker/datagen.Dockerfile -t instructedit/datagen:dev .
+#   docker build -f docker/datagen.Dockerfile --target cpu -t instructedit/datagen:dev-cpu .
+#
+# Build args: TORCH_VERSION, TORCH_CUDA, TORCH_INDEX_URL, XFORMERS_VERSION,
+# BAKE_MODELS (e.g. "stable-diffusion-v1-5/stable-diffusion-v1-5
+# timbrooks/instruct-pix2pix"), BAKE_ALLOW_PATTERNS, BAKE_IGNORE_PATTERNS,
+# HF_HUB_VERSION: see docker/gpu_worker.Dockerfile.
+#
+# Gated/private models: --secret id=hf_token,env=HF_TOKEN (BuildKit secret,
+# never stored in a layer). Nothing secret is baked into the image.
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_CUDA=cu128
+ARG XFORMERS_VERSION=0.0.35
+ARG HF_HUB_VERSION=2.4.0
+
+############################################################################
+# weights: optional baked model snapshots (independent of the code, so the
+# layer survives code changes)
+############################################################################
+FROM python:3.11.14-slim-bookworm AS weights
+ARG HF_HUB_VERSION
+ARG BAKE_MODELS=""
+# No defaults here: unset means bake_models.py's defaults, "" means no filter.
+ARG BAKE_ALLOW_PATTERNS
+ARG BAKE_IGNORE_PATTERNS
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+COPY docker/bake_models.py /usr/local/bin/bake_models.py
+RUN --mount=type=secret,id=hf_token,required=false \
+    if [ -n "${BAKE_MODELS}" ]; then \
+        pip install "huggingface_hub==${HF_HUB_VERSION}" \
+        && python /usr/local/bin/bake_models.py /models/baked "${BAKE_MODELS}"; \
+    else \
+        mkdir -p /models/baked; \
+    fi
+
+############################################################################
+# cpu-base / cuda-base: what both builder and runtime of a flavour share
+############################################################################
+FROM python:3.11.14-slim-bookworm AS cpu-base
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+FROM nvidia/cuda:12.8.1-base-ubuntu24.04 AS cuda-base
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ARG DEBIAN_FRONTEND=noninteractive
+# Ubuntu 24.04's Python 3.12. The CUDA user-space libraries (cuBLAS, cuDNN,
+# NCCL, ...) come from torch's nvidia-* wheels; the base image contributes the
+# CUDA driver-compat setup and NVIDIA_* container-toolkit variables.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates python3.12 \
+    && rm -rf /var/lib/apt/lists/*
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+############################################################################
+# cpu-builder: venv with CPU torch + the datagen extra
+############################################################################
+FROM cpu-base AS cpu-builder
+ARG TORCH_VERSION
+RUN python -m venv /opt/venv \
+    && pip install --extra-index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}+cpu" \
+    && python -c "import torch; assert torch.version.cuda is None, torch.__version__; print('torch', torch.__version__)"
+WORKDIR /src
+COPY pyproject.toml README.md* ./
+RUN test -f README.md || : > README.md; \
+    mkdir -p services && : > services/__init__.py \
+    && pip install "/src[datagen]"
+COPY services ./services
+RUN pip install --no-deps --force-reinstall "/src[datagen]" \
+    && python -c "import torch, services.datagen; assert torch.__version__.startswith('${TORCH_VERSION}')"
+
+############################################################################
+# cuda-builder: venv with CUDA torch + xformers + the datagen extra
+############################################################################
+FROM cuda-base AS cuda-builder
+ARG DEBIAN_FRONTEND=noninteractive
+ARG TORCH_VERSION
+ARG TORCH_CUDA
+ARG XFORMERS_VERSION
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_CUDA}
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.12-venv \
+    && rm -rf /var/lib/apt/lists/*
+# torch and xformers in one resolver run so that pip can never swap the CUDA
+# torch for another build; the import check fails the build on a mismatch.
+RUN python3.12 -m venv /opt/venv \
+    && pip install --extra-index-url "${TORCH_INDEX_URL}" \
+        "torch==${TORCH_VERSION}+${TORCH_CUDA}" "xformers==${XFORMERS_VERSION}" \
+    && python -c "import torch, xformers; \
+assert torch.version.cuda, 'torch is a CPU build: ' + torch.__version__; \
+assert xformers._has_cpp_library, 'xformers C++/CUDA extension does not load against torch ' + torch.__version__; \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'xformers', xformers.__version__)"
+WORKDIR /src
+COPY pyproject.toml README.md* ./
+RUN test -f README.md || : > README.md; \
+    mkdir -p services && : > services/__init__.py \
+    && pip install "/src[datagen,gpu]"
+COPY services ./services
+RUN pip install --no-deps --force-reinstall "/src[datagen,gpu]" \
+    && python -c "import torch, xformers, services.datagen; assert torch.__version__ == '${TORCH_VERSION}+${TORCH_CUDA}', torch.__version__"
+
+############################################################################
+# cpu: runtime for machines without a GPU
+############################################################################
+FROM cpu-base AS cpu
+LABEL org.opencontainers.image.title="instructedit-datagen" \
+      org.opencontainers.image.description="InstructEdit dataset generator worker (CPU torch)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# The shared lock dir and HF cache exist in the image with the app user as
+# owner, so that fresh named volumes mounted there inherit that ownership.
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home \
+       --shell /usr/sbin/nologin app \
+    && mkdir -p /cache/huggingface /var/lib/instructedit/gpu-locks /models/local \
+    && chown app:app /cache/huggingface /var/lib/instructedit/gpu-locks
+ENV HOME=/home/app \
+    HF_HOME=/cache/huggingface \
+    INSTRUCTEDIT_BAKED_MODELS_DIR=/models/baked \
+    INSTRUCTEDIT_DEVICE=cpu
+COPY --from=cpu-builder /opt/venv /opt/venv
+COPY --from=weights /models/baked /models/baked
+COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/instructedit-entrypoint
+WORKDIR /home/app
+USER 10001:10001
+HEALTHCHECK --interval=60s --timeout=30s --start-period=15m --retries=5 \
+    CMD ["/bin/sh", "-c", "celery --app services.datagen.celery_worker inspect ping --destination \"celery@${HOSTNAME}\" --timeout 10"]
+ENTRYPOINT ["/usr/local/bin/instructedit-entrypoint"]
+CMD ["celery", "--app", "services.datagen.celery_worker", "worker", "--queues", "datagen", "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO"]
+
+############################################################################
+# cuda (default): GPU runtime
+############################################################################
+FROM cuda-base AS cuda
+LABEL org.opencontainers.image.title="instructedit-datagen" \
+      org.opencontainers.image.description="InstructEdit dataset generator worker (CUDA torch + xformers)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home \
+       --shell /usr/sbin/nologin app \
+    && mkdir -p /cache/huggingface /var/lib/instructedit/gpu-locks /models/local \
+    && chown app:app /cache/huggingface /var/lib/instructedit/gpu-locks
+ENV HOME=/home/app \
+    HF_HOME=/cache/huggingface \
+    INSTRUCTEDIT_BAKED_MODELS_DIR=/models/baked \
+    INSTRUCTEDIT_DEVICE=cuda
+COPY --from=cuda-builder /opt/venv /opt/venv
+COPY --from=weights /models/baked /models/baked
+COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/instructedit-entrypoint
+WORKDIR /home/app
+USER 10001:10001
+HEALTHCHECK --interval=60s --timeout=30s --start-period=15m --retries=5 \
+    CMD ["/bin/sh", "-c", "celery --app services.datagen.celery_worker inspect ping --destination \"celery@${HOSTNAME}\" --timeout 10"]
+ENTRYPOINT ["/usr/local/bin/instructedit-entrypoint"]
+CMD ["celery", "--app", "services.datagen.celery_worker", "worker", "--queues", "datagen", "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO"]
