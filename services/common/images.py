@@ -10,7 +10,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 ACCEPTED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 # Pillow refuses more than ~179 MP by default; a product photo never needs that much and
@@ -73,19 +73,29 @@ def decode_image(data: bytes) -> DecodedImage:
     return DecodedImage(image=image, format=fmt)
 
 
-def to_model_input(image: Image.Image, max_side: int) -> Image.Image:
-    """Upright RGB image, long side at most `max_side`, both sides multiples of 8.
+def model_input_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Size the model sees: long side at most `max_side`, both sides multiples of 8.
 
     The VAE downsamples by 8, so other sizes would be cropped silently by the pipeline.
     """
+    scale = min(1.0, max_side / max(width, height))
+    return max(8, int(width * scale) // 8 * 8), max(8, int(height * scale) // 8 * 8)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation is applied, without transposing pixels."""
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    # Orientations 5-8 rotate by 90 degrees and swap the sides.
+    return (image.height, image.width) if orientation in (5, 6, 7, 8) else image.size
+
+
+def to_model_input(image: Image.Image, max_side: int) -> Image.Image:
+    """Upright RGB image of `model_input_size`."""
     image = ImageOps.exif_transpose(image)
     image = _to_rgb(image)
-    width, height = image.size
-    scale = min(1.0, max_side / max(width, height))
-    new_w = max(8, int(width * scale) // 8 * 8)
-    new_h = max(8, int(height * scale) // 8 * 8)
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    size = model_input_size(*image.size, max_side)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
     return image
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -40,6 +41,19 @@ class EditParams(BaseModel):
     num_outputs: int = Field(1, ge=1, le=4)
 
 
+def uses_guidance(params: EditParams) -> bool:
+    """InstructPix2Pix runs its three guidance branches only above these scales (the
+    pipeline's own rule); below, the text branch alone."""
+    return params.guidance_scale > 1.0 and params.image_guidance_scale >= 1.0
+
+
+def batch_key(size: tuple[int, int], params: EditParams) -> str:
+    """Jobs with equal keys can share one UNet call per step: same latent shape, same
+    timesteps, same branch layout. Prompts, seeds, scales and output counts may differ."""
+    mode = "cfg" if uses_guidance(params) else "text"
+    return f"{size[0]}x{size[1]}:{params.num_inference_steps}:{mode}"
+
+
 class Progress(BaseModel):
     step: int = 0
     total: int
@@ -57,8 +71,13 @@ class EditJob(BaseModel):
     progress: Progress
     input_key: str
     input_content_type: str
+    # Model input size and steps decide which jobs a worker may batch with this one.
+    batch_key: str = ""
     output_keys: list[str] = []
     error: JobError | None = None
+    # Set while a worker holds the job; renewed every step. A lapsed lease means the
+    # worker died and another may take the job over.
+    lease_expires_at: datetime | None = None
     request_id: str | None = None
     created_at: datetime
     started_at: datetime | None = None
@@ -66,12 +85,17 @@ class EditJob(BaseModel):
 
     @classmethod
     def new(
-        cls, params: EditParams, input_content_type: str, request_id: str | None = None
+        cls,
+        params: EditParams,
+        input_content_type: str,
+        request_id: str | None = None,
+        input_size: tuple[int, int] | None = None,
     ) -> EditJob:
         job_id = new_job_id()
         return cls(
             id=job_id,
             params=params,
+            batch_key=batch_key(input_size, params) if input_size else "",
             progress=Progress(step=0, total=params.num_inference_steps),
             input_key=input_key(job_id),
             input_content_type=input_content_type,
@@ -132,9 +156,14 @@ class JobStore:
         return EditJob.model_validate_json(raw)
 
     def transition(
-        self, job_id: str, allowed_from: frozenset[JobStatus] | set[JobStatus], **changes: Any
+        self,
+        job_id: str,
+        allowed_from: frozenset[JobStatus] | set[JobStatus],
+        when: Callable[[EditJob], bool] | None = None,
+        **changes: Any,
     ) -> EditJob:
-        """Apply `changes` only if the job's status is in `allowed_from`, atomically.
+        """Apply `changes` only if the job's status is in `allowed_from` (and `when(job)`
+        holds, if given), atomically.
 
         Raises TransitionRefused with the current record otherwise.
         """
@@ -147,7 +176,7 @@ class JobStore:
                     if raw is None:
                         raise JobNotFound(job_id)
                     job = EditJob.model_validate_json(raw)
-                    if job.status not in allowed_from:
+                    if job.status not in allowed_from or (when and not when(job)):
                         raise TransitionRefused(job)
                     updated = job.model_copy(update=changes)
                     pipe.multi()
@@ -160,3 +189,18 @@ class JobStore:
 
     def delete(self, job_id: str) -> None:
         self.redis.delete(self._key(job_id))
+
+    # Jobs waiting for a worker, per batch key, oldest first: where a worker looks for
+    # jobs to run together with the one its queue message named.
+    def _pending_key(self, key: str) -> str:
+        return f"{self.namespace}:pending:{key}"
+
+    def add_pending(self, job: EditJob) -> None:
+        self.redis.zadd(self._pending_key(job.batch_key), {job.id: job.created_at.timestamp()})
+
+    def pending(self, key: str, limit: int) -> list[str]:
+        return [i.decode() for i in self.redis.zrange(self._pending_key(key), 0, limit - 1)]
+
+    def remove_pending(self, key: str, *job_ids: str) -> None:
+        if job_ids:
+            self.redis.zrem(self._pending_key(key), *job_ids)

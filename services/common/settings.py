@@ -30,6 +30,23 @@ class Settings(BaseSettings):
     datagen_model: str = DEFAULT_DATAGEN_MODEL
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_side: int = Field(512, ge=64, le=2048)
+
+    # Dynamic batching: a worker runs up to `max_batch` compatible jobs in one UNet call,
+    # waiting at most `batch_window_ms` for more to arrive (0: take what is queued, at once).
+    max_batch: int = Field(8, ge=1, le=64)
+    batch_window_ms: int = Field(0, ge=0, le=5000)
+    # A running job's claim; renewed at every denoising step, so it only lapses when the
+    # worker that holds it died, and then another worker may take the job over.
+    job_lease_s: float = Field(60.0, gt=0)
+    # torch.compile of the UNet on CUDA ("default", "reduce-overhead" = CUDA graphs,
+    # "max-autotune"); compiled and warmed up at worker start.
+    compile_unet: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "max-autotune"
+    warmup: bool = True
+    # Memory fallbacks for small GPUs or large images.
+    attention_slicing: bool = False
+    vae_tiling: bool = False
+    text_embedding_cache_size: int = Field(512, ge=0)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
 
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60)
@@ -43,6 +60,13 @@ class Settings(BaseSettings):
     # Absolute base for output URLs of file storage (e.g. behind a proxy); by default the
     # API answers with URLs built from the incoming request.
     public_base_url: str | None = None
+
+    # Observability. Logs are one JSON object per line on stderr unless log_json is false.
+    log_level: str = "INFO"
+    log_json: bool = True
+    # The worker's Prometheus endpoint (served by the Celery parent for all its pool
+    # processes); 0 turns it off.
+    worker_metrics_port: int = Field(9100, ge=0, le=65535)
 
 
 @lru_cache

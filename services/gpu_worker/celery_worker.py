@@ -3,25 +3,30 @@
     celery --app services.gpu_worker.celery_worker worker --queues edits \
         --pool prefork --concurrency 1
 
-The parent process resolves (downloads) the model and never touches CUDA; each pool child
-loads the engine once in `worker_process_init` and keeps it for every task it runs.
+One pool process per GPU. The parent resolves (downloads) the model and never touches
+CUDA; each pool child loads the engine once in `worker_process_init`, warms it up, and
+keeps it for every task it runs. A child that dies is replaced by a fresh one.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
+from dataclasses import asdict
 
 import redis
 from celery import signals
 
 from services.common.celery_app import create_celery_app
-from services.common.jobs import JobStore
+from services.common.jobs import JobStore, utcnow
 from services.common.queues import EDIT_TASK
 from services.common.settings import get_settings
 from services.common.storage import open_storage
-from services.gpu_worker.edit_job import run_edit_job
-from services.gpu_worker.engine import EditEngine
+from services.common.workers import WorkerRegistry
+from services.gpu_worker.edit_job import Deferred, EditRunner
+from services.gpu_worker.engine import EditEngine, EngineOptions
 from services.gpu_worker.model_loading import ModelUnavailable, resolve_model
 
 log = logging.getLogger("instructedit.gpu_worker")
@@ -34,10 +39,7 @@ class _Process:
     """What one pool process keeps between tasks."""
 
     model_path: str | None = None
-    engine: EditEngine | None = None
-    engine_error: str | None = None
-    jobs: JobStore | None = None
-    storage = None
+    runner: EditRunner | None = None
 
 
 state = _Process()
@@ -60,29 +62,54 @@ def _load_engine_in_child(**_) -> None:
 
 
 def _setup_process() -> None:
-    state.jobs = JobStore(redis.Redis.from_url(settings.redis_url), settings.job_ttl_s)
-    state.storage = open_storage(settings)
+    client = redis.Redis.from_url(settings.redis_url)
     model_path = state.model_path or str(resolve_model(settings.model))
-    engine = EditEngine(model_path, settings.device)
+    engine: EditEngine | None = EditEngine(
+        model_path,
+        EngineOptions(
+            device=settings.device,
+            max_batch=settings.max_batch,
+            compile_unet=settings.compile_unet,
+            compile_mode=settings.compile_mode,
+            attention_slicing=settings.attention_slicing,
+            vae_tiling=settings.vae_tiling,
+            text_embedding_cache_size=settings.text_embedding_cache_size,
+        ),
+    )
+    engine_error = None
     try:
-        engine.setup()
+        info = engine.setup()
+        if settings.warmup:
+            side = settings.max_side
+            sizes = [1, settings.max_batch] if settings.compile_unet else [1]
+            engine.warmup((side, side), sorted(set(sizes)))
+        worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        WorkerRegistry(client).keep_announcing(
+            worker_id, {**asdict(info), "ready_at": utcnow().isoformat()}
+        )
+        log.info("edit engine ready: %s", info)
     except Exception as exc:
         log.exception("loading the model from %s failed", model_path)
-        state.engine_error = f"the worker could not load the model: {type(exc).__name__}: {exc}"
-        return
-    state.engine = engine
-
-
-@app.task(name=EDIT_TASK, acks_late=True, reject_on_worker_lost=True)
-def edit(job_id: str) -> str | None:
-    if state.jobs is None:  # solo/threads pools have no worker_process_init
-        _setup_process()
-    status = run_edit_job(
-        job_id,
-        state.engine,
-        state.jobs,
-        state.storage,
+        engine, engine_error = None, f"the worker could not load the model: {exc}"
+    state.runner = EditRunner(
+        engine,
+        JobStore(client, settings.job_ttl_s),
+        open_storage(settings),
         settings.max_side,
-        engine_error=state.engine_error,
+        max_batch=settings.max_batch,
+        batch_window_ms=settings.batch_window_ms,
+        lease_s=settings.job_lease_s,
+        engine_error=engine_error,
     )
-    return status.value if status else None
+
+
+@app.task(name=EDIT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def edit(self, job_id: str) -> dict | None:
+    if state.runner is None:  # solo/threads pools have no worker_process_init
+        _setup_process()
+    outcome = state.runner.handle(job_id)
+    if isinstance(outcome, Deferred):
+        # Another live worker holds the job. Look again once its lease could have lapsed,
+        # so a job whose worker died is never left behind.
+        raise self.retry(countdown=outcome.seconds, max_retries=None)
+    return {k: str(v) for k, v in outcome.items()} if outcome else None

@@ -1,19 +1,28 @@
-"""The edit engine: load InstructPix2Pix once (`setup`), edit images (`predict`).
+"""The edit engine: load InstructPix2Pix once (`setup`), edit images (`predict_batch`).
 
-Celery, Redis and storage stay outside this file; it takes a PIL image and parameters and
+Celery, Redis and storage stay outside this file: it takes PIL images and parameters and
 returns PIL images, so it is benchmarked and tested on its own.
+
+The denoising loop is our own rather than the pipeline's `__call__`, for one reason:
+dynamic batching. Several jobs (different images, prompts, seeds, guidance scales, numbers
+of outputs) share one UNet call per step, while each keeps its own random generator and
+scheduler state, so every job gets exactly the noise it would get alone. The components,
+preprocessing, prompt encoding and decoding are the pipeline's own.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from services.common.jobs import EditParams
+from services.common.jobs import EditParams, batch_key, uses_guidance
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +35,29 @@ class EngineInfo:
     device: str
     dtype: str
     attention: str
+    compiled: bool
+    max_batch: int
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    device: str = "auto"
+    max_batch: int = 8
+    compile_unet: bool = False
+    compile_mode: str = "max-autotune"
+    attention_slicing: bool = False
+    vae_tiling: bool = False
+    text_embedding_cache_size: int = 512
+
+
+@dataclass
+class EditRequest:
+    """One job's share of a batch. `on_step(step, total)` runs after each denoising step;
+    an exception raised there (a cancellation) takes this job out of the batch."""
+
+    image: Image.Image
+    params: EditParams
+    on_step: StepCallback | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -36,21 +68,39 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@dataclass
+class _Job:
+    request: EditRequest
+    scheduler: object
+    generator: torch.Generator
+    latents: torch.Tensor
+    image_latents: torch.Tensor
+    text_embeds: torch.Tensor
+    negative_embeds: torch.Tensor | None
+    extra_step_kwargs: dict = field(default_factory=dict)
+    outcome: list[Image.Image] | BaseException | None = None
+
+    @property
+    def n(self) -> int:
+        return self.latents.shape[0]
+
+
 class EditEngine:
-    def __init__(self, model_path: str, device: str = "auto") -> None:
+    def __init__(self, model_path: str, options: EngineOptions | None = None) -> None:
         self.model_path = model_path
-        self.requested_device = device
+        self.options = options or EngineOptions()
         self.pipe = None
         self.info: EngineInfo | None = None
+        self._embeds: OrderedDict[tuple, tuple] = OrderedDict()
+
+    # -- setup -------------------------------------------------------------------------
 
     def setup(self) -> EngineInfo:
         from diffusers import StableDiffusionInstructPix2PixPipeline
         from diffusers.utils import logging as diffusers_logging
 
-        # Loading bars are noise in a worker's JSON logs.
-        diffusers_logging.disable_progress_bar()
-
-        device = resolve_device(self.requested_device)
+        diffusers_logging.disable_progress_bar()  # loading bars are noise in worker logs
+        device = resolve_device(self.options.device)
         # fp16 halves memory and doubles tensor-core throughput; CPUs have no fast fp16.
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
@@ -63,19 +113,32 @@ class EditEngine:
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         attention = self._select_attention(pipe, device)
+        if device.type == "cuda":
+            # NHWC convolutions are the fast path for tensor cores.
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        if self.options.attention_slicing:
+            pipe.enable_attention_slicing()
+        if self.options.vae_tiling:
+            pipe.vae.enable_tiling()
+        compiled = False
+        if self.options.compile_unet and device.type == "cuda":
+            pipe.unet = torch.compile(pipe.unet, mode=self.options.compile_mode, dynamic=False)
+            compiled = True
         self.pipe = pipe
         self.info = EngineInfo(
             model=self.model_path,
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
             attention=attention,
+            compiled=compiled,
+            max_batch=self.options.max_batch,
         )
-        log.info("edit engine ready: %s", self.info)
+        log.info("edit engine loaded: %s", self.info)
         return self.info
 
-    @staticmethod
-    def _select_attention(pipe, device: torch.device) -> str:
-        if device.type == "cuda":
+    def _select_attention(self, pipe, device: torch.device) -> str:
+        if device.type == "cuda" and not self.options.attention_slicing:
             try:
                 import xformers  # noqa: F401
 
@@ -83,45 +146,155 @@ class EditEngine:
                 return "xformers"
             except Exception as exc:  # not installed, or no kernel for this GPU
                 log.info("xformers unavailable (%s); using PyTorch SDPA", exc)
-        # diffusers' default processors call torch's scaled_dot_product_attention.
+        if self.options.attention_slicing:
+            return "sliced"
+        # diffusers' default processors call torch's scaled_dot_product_attention, which
+        # picks the flash or memory-efficient kernel on CUDA.
         return "sdpa"
+
+    def warmup(self, size: tuple[int, int], batch_sizes: list[int] | None = None) -> None:
+        """Run every batch size in use once, so compilation, cuDNN autotuning and
+        allocator growth happen before the first user request, not during it."""
+        image = Image.new("RGB", size, (128, 128, 128))
+        for batch in batch_sizes or [1]:
+            requests = [
+                EditRequest(image, EditParams(prompt="warm up", num_inference_steps=2, seed=i))
+                for i in range(batch)
+            ]
+            self.predict_batch(requests)
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     @property
     def device(self) -> torch.device:
         return self.pipe.device
 
+    # -- inference ---------------------------------------------------------------------
+
     def predict(
         self, image: Image.Image, params: EditParams, on_step: StepCallback | None = None
     ) -> list[Image.Image]:
-        """Edit `image` (already RGB, sides multiples of 8) by `params.prompt`.
+        """Edit one image (RGB, sides multiples of 8); exceptions from `on_step` propagate."""
+        (outcome,) = self.predict_batch([EditRequest(image, params, on_step)])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
-        `on_step(step, total)` runs after every denoising step; an exception raised in it
-        (a cancellation) stops the denoising at once and propagates.
-        """
+    @torch.inference_mode()
+    def predict_batch(self, requests: list[EditRequest]) -> list[list[Image.Image] | BaseException]:
+        """Edit several compatible jobs together. Returns, per request, its images or the
+        exception its `on_step` raised (the job left the batch at that step)."""
         if self.pipe is None:
             raise RuntimeError("EditEngine.setup() was not called")
+        keys = {batch_key(r.image.size, r.params) for r in requests}
+        if len(keys) != 1:
+            raise ValueError(f"requests do not share one batch key: {sorted(keys)}")
+        cfg = uses_guidance(requests[0].params)
+        steps = requests[0].params.num_inference_steps
+        jobs = [self._prepare(r, cfg) for r in requests]
+        timesteps = jobs[0].scheduler.timesteps
+        active = list(jobs)
+        for i, t in enumerate(timesteps):
+            noise = self._unet_step(active, t, cfg)
+            offset = 0
+            for job in active:
+                job_noise = noise[offset : offset + job.n]
+                offset += job.n
+                job.latents = job.scheduler.step(
+                    job_noise, t, job.latents, **job.extra_step_kwargs, return_dict=False
+                )[0]
+            still_active = []
+            for job in active:
+                try:
+                    if job.request.on_step is not None:
+                        job.request.on_step(i + 1, steps)
+                    still_active.append(job)
+                except Exception as exc:
+                    job.outcome = exc
+            active = still_active
+            if not active:
+                break
+        for job in active:
+            job.outcome = self.decode(job.latents)
+        return [job.outcome for job in jobs]
 
-        def step_end(pipe, i, t, tensors):
-            if on_step is not None:
-                on_step(i + 1, params.num_inference_steps)
-            return tensors
-
+    def _prepare(self, request: EditRequest, cfg: bool) -> _Job:
+        pipe, params = self.pipe, request.params
+        device, dtype = self.device, pipe.unet.dtype
+        n = params.num_outputs
+        text, negative = self._encode_prompt(params.prompt, params.negative_prompt, cfg)
+        pixels = pipe.image_processor.preprocess(request.image).to(device=device, dtype=dtype)
+        # InstructPix2Pix conditions on the unscaled mode of the image's latent distribution.
+        image_latents = pipe.vae.encode(pixels).latent_dist.mode()
+        scheduler = copy.deepcopy(pipe.scheduler)
+        scheduler.set_timesteps(params.num_inference_steps, device=device)
         # A CPU generator gives the same noise for a seed on any device.
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
-        with torch.inference_mode():
-            latents = self.pipe(
-                prompt=params.prompt,
-                image=image,
-                negative_prompt=params.negative_prompt,
-                num_inference_steps=params.num_inference_steps,
-                guidance_scale=params.guidance_scale,
-                image_guidance_scale=params.image_guidance_scale,
-                num_images_per_prompt=params.num_outputs,
-                generator=generator,
-                output_type="latent",
-                callback_on_step_end=step_end,
-            ).images
-            return self.decode(latents)
+        shape = (n, pipe.vae.config.latent_channels, *image_latents.shape[-2:])
+        # Scaled by this job's scheduler: init_noise_sigma depends on its timesteps.
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma
+        return _Job(
+            request=request,
+            scheduler=scheduler,
+            generator=generator,
+            latents=latents,
+            image_latents=image_latents.repeat(n, 1, 1, 1),
+            text_embeds=text.repeat(n, 1, 1),
+            negative_embeds=negative.repeat(n, 1, 1) if negative is not None else None,
+            extra_step_kwargs=pipe.prepare_extra_step_kwargs(generator, 0.0),
+        )
+
+    def _unet_step(self, jobs: list[_Job], t: torch.Tensor, cfg: bool) -> torch.Tensor:
+        """One UNet call for every job; returns the guided noise, jobs in order."""
+        unet = self.pipe.unet
+        scaled = torch.cat([j.scheduler.scale_model_input(j.latents, t) for j in jobs])
+        image_latents = torch.cat([j.image_latents for j in jobs])
+        text = torch.cat([j.text_embeds for j in jobs])
+        if not cfg:
+            model_input = torch.cat([scaled, image_latents], dim=1)
+            return unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
+        negative = torch.cat([j.negative_embeds for j in jobs])
+        # Branches [text, image, uncond]: the text branch sees prompt and image, the image
+        # branch the image alone, the unconditional branch neither.
+        model_input = torch.cat(
+            [
+                torch.cat([scaled, image_latents], dim=1),
+                torch.cat([scaled, image_latents], dim=1),
+                torch.cat([scaled, torch.zeros_like(image_latents)], dim=1),
+            ]
+        )
+        embeds = torch.cat([text, negative, negative])
+        noise = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        noise_text, noise_image, noise_uncond = noise.chunk(3)
+        # Per-sample scales: each job keeps its own S_T and S_I inside the shared batch.
+        s_t = self._per_sample([j.request.params.guidance_scale for j in jobs], jobs, noise)
+        s_i = self._per_sample([j.request.params.image_guidance_scale for j in jobs], jobs, noise)
+        return noise_uncond + s_t * (noise_text - noise_image) + s_i * (noise_image - noise_uncond)
+
+    @staticmethod
+    def _per_sample(values: list[float], jobs: list[_Job], like: torch.Tensor) -> torch.Tensor:
+        repeated = [v for v, j in zip(values, jobs, strict=True) for _ in range(j.n)]
+        return torch.tensor(repeated, dtype=like.dtype, device=like.device).view(-1, 1, 1, 1)
+
+    def _encode_prompt(
+        self, prompt: str, negative_prompt: str | None, cfg: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text-encoder output for (prompt, negative), cached: catalog edits repeat the same
+        instructions, and the empty negative prompt is in nearly every job."""
+        key = (prompt, negative_prompt, cfg)
+        cached = self._embeds.get(key)
+        if cached is not None:
+            self._embeds.move_to_end(key)
+            return cached
+        embeds = self.pipe._encode_prompt(prompt, self.device, 1, cfg, negative_prompt)
+        # With guidance the pipeline returns [text, negative, negative].
+        result = (embeds[0:1], embeds[1:2]) if cfg else (embeds, None)
+        if self.options.text_embedding_cache_size:
+            self._embeds[key] = result
+            while len(self._embeds) > self.options.text_embedding_cache_size:
+                self._embeds.popitem(last=False)
+        return result
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:

@@ -101,3 +101,13 @@ def test_bad_images_are_rejected_with_a_reason(data, code):
 def test_accepted_formats(fmt, content_type):
     decoded = decode_image(image_bytes(fmt=fmt))
     assert decoded.content_type == content_type
+
+
+def test_upright_size_predicts_model_input_size_without_decoding_twice():
+    from services.common.images import model_input_size, upright_size
+
+    decoded = decode_image(_exif_rotated_jpeg())
+    assert upright_size(decoded.image) == (40, 80)
+    assert model_input_size(*upright_size(decoded.image), 512) == to_model_input(
+        decoded.image, 512
+    ).size

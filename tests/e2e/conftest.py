@@ -48,6 +48,8 @@ def start_stack(tmp_path_factory, model_dir: str, redis_url: str, **extra: str):
         "storage_url": f"file://{tmp_path_factory.mktemp('storage')}",
         "model": model_dir,
         "device": "cpu",
+        # Short leases: a job whose worker was killed is taken over within seconds.
+        "job_lease_s": "3",
         **extra,
     }
     env = service_env(**settings)
