@@ -164,3 +164,25 @@ def test_damaged_stored_input_fails_the_job(stack, damage, code):
     assert done["error"]["code"] == code
     assert victim["id"] in done["error"]["message"] or "image" in done["error"]["message"]
     assert done["finished_at"] is not None
+
+
+def test_jobs_queued_together_run_as_one_batch(stack, tiny_model_dir):
+    photo = image_bytes((64, 48))
+    with stack.client() as client:
+        blocker = submit(client, long_photo(), **LONG)
+        stack.wait_for(blocker["id"], lambda j: j["status"] == "running")
+        batch = [
+            submit(client, photo, prompt=prompt, seed=seed, num_inference_steps=3)
+            for prompt, seed in [("make it red", 1), ("print a logo on it", 2), ("on sand", 3)]
+        ]
+        client.post(f"/v1/edits/{blocker['id']}/cancel")
+        finished = [stack.wait_finished(job["id"]) for job in batch]
+        assert [job["status"] for job in finished] == ["succeeded"] * 3
+        for job in finished:
+            png = client.get(job["outputs"][0]["url"]).content
+            got = np.asarray(Image.open(io.BytesIO(png)), dtype=int)
+            (alone,) = direct_pipeline_outputs(tiny_model_dir, photo, job["params"])
+            # Within one intensity level of running alone (see tests/gpu_worker/test_batching.py).
+            assert np.abs(got - alone.astype(int)).max() <= 1
+    first, *others = (job["id"] for job in batch)
+    assert f"job {first} runs in a batch with {others}" in stack.worker.log()

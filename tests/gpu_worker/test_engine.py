@@ -33,17 +33,32 @@ def test_engine_reports_what_it_loaded(engine, tiny_model_dir):
     assert engine.info.device == "cpu"
     assert engine.info.dtype == "float32"
     assert engine.info.attention == "sdpa"
+    assert engine.info.compiled is False
 
 
-@pytest.mark.parametrize("num_outputs", [1, 2])
-def test_outputs_identical_to_plain_pipeline(engine, tiny_model_dir, num_outputs):
+@pytest.mark.parametrize(
+    "prompt,negative,seed,num_outputs,guidance,image_guidance",
+    [
+        ("print a spiderman logo on it", "blurry", 1234, 1, 6.0, 1.3),
+        ("print a spiderman logo on it", None, 99, 2, 7.5, 1.5),
+        ("put the ball on sand", None, 7, 1, 12.0, 1.0),
+        ("change its color to grey", "low quality", 2**32 - 1, 3, 7.5, 2.5),
+        # Below the guidance thresholds the pipeline runs the text branch alone.
+        ("make it black", None, 5, 1, 1.0, 1.5),
+        ("make it black", None, 5, 1, 7.5, 0.5),
+    ],
+)
+def test_outputs_identical_to_plain_pipeline(
+    engine, tiny_model_dir, prompt, negative, seed, num_outputs, guidance, image_guidance
+):
+    """The quality guard: our loop, prompt cache and decode change nothing."""
     params = EditParams(
-        prompt="print a spiderman logo on it",
-        negative_prompt="blurry",
+        prompt=prompt,
+        negative_prompt=negative,
         num_inference_steps=4,
-        guidance_scale=6.0,
-        image_guidance_scale=1.3,
-        seed=1234,
+        guidance_scale=guidance,
+        image_guidance_scale=image_guidance,
+        seed=seed,
         num_outputs=num_outputs,
     )
     image = product_photo()
@@ -53,7 +68,7 @@ def test_outputs_identical_to_plain_pipeline(engine, tiny_model_dir, num_outputs
     for a, b in zip(ours, theirs, strict=True):
         assert a.size == (64, 48)
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    if num_outputs == 2:
+    if num_outputs > 1:
         assert not np.array_equal(np.asarray(ours[0]), np.asarray(ours[1]))
 
 
