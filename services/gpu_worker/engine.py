@@ -101,15 +101,27 @@ class EditEngine:
 
         diffusers_logging.disable_progress_bar()  # loading bars are noise in worker logs
         device = resolve_device(self.options.device)
-        # fp16 halves memory and doubles tensor-core throughput; CPUs have no fast fp16.
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
         pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
             self.model_path,
-            dtype=dtype,
+            dtype=self._dtype_for(device),
             # Product photos, not open-ended generation: the checker would blank outputs.
             safety_checker=None,
             requires_safety_checker=False,
         )
+        return self.use_pipeline(pipe)
+
+    @staticmethod
+    def _dtype_for(device: torch.device) -> torch.dtype:
+        # fp16 halves memory and doubles tensor-core throughput; CPUs have no fast fp16.
+        return torch.float16 if device.type == "cuda" else torch.float32
+
+    def use_pipeline(self, pipe) -> EngineInfo:
+        """Configure an already built pipeline for serving (setup() after loading; the
+        benchmark hands in full-size pipelines built from configs)."""
+        device = resolve_device(self.options.device)
+        dtype = self._dtype_for(device)
+        if pipe.unet.dtype != dtype:
+            pipe.to(dtype=dtype)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         attention = self._select_attention(pipe, device)
