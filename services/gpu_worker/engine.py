@@ -135,7 +135,9 @@ class EditEngine:
             pipe.vae.enable_tiling()
         compiled = False
         if self.options.compile_unet and device.type == "cuda":
-            pipe.unet = torch.compile(pipe.unet, mode=self.options.compile_mode, dynamic=False)
+            # Batch sizes vary with the traffic: let the batch dimension be dynamic rather
+            # than recompiling for every new size.
+            pipe.unet = torch.compile(pipe.unet, mode=self.options.compile_mode)
             compiled = True
         self.pipe = pipe
         self.info = EngineInfo(

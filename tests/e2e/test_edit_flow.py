@@ -92,6 +92,11 @@ def test_readiness_sees_the_worker(stack):
         ready = client.get("/readyz").json()
     assert ready["ready"] is True
     assert any(name.startswith("worker-") for name in ready["workers"])
+    # The engine is announced only once loaded and warmed up.
+    (engine,) = ready["engines"]
+    assert engine["model"] == stack.settings["model"]
+    assert (engine["device"], engine["dtype"], engine["attention"]) == ("cpu", "float32", "sdpa")
+    assert engine["compiled"] is False and engine["max_batch"] == 8
 
 
 LONG = {"num_inference_steps": 100}
