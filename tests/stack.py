@@ -108,3 +108,25 @@ def start_api(env: dict[str, str], log_dir: Path, port: int) -> Service:
 
     service.wait_until(answers, 60, "answering")
     return service
+
+
+def start_datagen_worker(env: dict[str, str], log_dir: Path, name: str = "datagen") -> Service:
+    argv = [
+        str(BIN / "celery"),
+        "--app",
+        "services.datagen.celery_worker",
+        "worker",
+        "--queues",
+        "datagen",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        "1",
+        "--loglevel",
+        "INFO",
+        "--hostname",
+        f"{name}-{os.getpid()}@%h",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    return Service(name, argv, env, log_dir)

@@ -4,3 +4,6 @@ EDITS_QUEUE = "edits"
 DATAGEN_QUEUE = "datagen"
 
 EDIT_TASK = "instructedit.edit"
+
+DATAGEN_CHUNK_TASK = "instructedit.datagen.rows"
+DATAGEN_EXPORT_TASK = "instructedit.datagen.export"

@@ -1,0 +1,196 @@
+"""One dataset run, row by row into storage, then exported for fine-tuning.
+
+The Celery tasks and the `run` command both drive this class. Each row is stored as its
+kept pairs' PNGs followed by a row manifest (JSON); the manifest is written last, so its
+presence means the row is complete. Re-running a row that has a manifest is skipped:
+restarting workers or resubmitting a run never generates anything twice and loses
+nothing already made.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+from PIL import Image
+
+from services.common.datasets import (
+    DatasetSpec,
+    export_prefix,
+    pair_image_key,
+    row_key,
+)
+from services.common.images import to_png
+from services.common.storage import Storage
+from services.datagen.pair_params import ImagePair, PairSampling, pair_params_for_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CaptionRow:
+    """A row given by the client, shaped like the synthesizer's rows."""
+
+    index: int
+    category: str
+    edit_type: str
+    input_caption: str
+    instruction: str
+    output_caption: str
+
+
+@dataclass(frozen=True)
+class RowOutcome:
+    index: int
+    generated: int
+    kept: int
+    skipped: bool
+
+
+@lru_cache(maxsize=4)
+def _synthesized(num_rows: int, seed: int) -> tuple:
+    from services.datagen.text import synthesize
+
+    # The synthesizer is sequential (uniqueness across rows): build the run's rows once
+    # per process and index into them.
+    return tuple(synthesize(num_rows, seed))
+
+
+def caption_row(spec: DatasetSpec, index: int):
+    if spec.rows is not None:
+        given = spec.rows[index]
+        return CaptionRow(index=index, **given.model_dump())
+    return _synthesized(spec.num_rows, spec.seed)[index]
+
+
+class DatasetBuilder:
+    def __init__(self, run_id: str, spec: DatasetSpec, storage: Storage, generator, clip=None):
+        """`generator`: a set-up PairGenerator; `clip`: a set-up ClipFilter when
+        `spec.filter` is on."""
+        if spec.filter and clip is None:
+            raise ValueError("the spec asks for filtering but no CLIP filter was given")
+        self.run_id = run_id
+        self.spec = spec
+        self.storage = storage
+        self.generator = generator
+        self.clip = clip
+        self.sampling = PairSampling(
+            pairs_per_row=spec.pairs_per_row,
+            p_range=spec.p_range,
+            text_guidance_range=spec.text_guidance_range,
+        )
+
+    def process_row(self, index: int) -> RowOutcome:
+        key = row_key(self.run_id, index)
+        if self.storage.exists(key):
+            manifest = json.loads(self.storage.get(key))
+            return RowOutcome(index, manifest["generated"], len(manifest["pairs"]), True)
+        row = caption_row(self.spec, index)
+        params = pair_params_for_row(self.spec.seed, index, self.sampling)
+        pairs = self.generator.generate_row(row, params)
+        kept = pairs
+        if self.spec.filter:
+            result = self.clip.filter_row(pairs)
+            kept, pairs = result.kept, result.scored
+        entries = []
+        for pair in kept:
+            images = {}
+            for which, image in (("input", pair.input_image), ("edited", pair.edited_image)):
+                image_key = pair_image_key(self.run_id, index, pair.pair_index, which)
+                self.storage.put(image_key, to_png(image), "image/png")
+                images[which] = image_key
+            entries.append({**_metadata(pair), "images": images})
+        manifest = {
+            "index": index,
+            "generated": len(pairs),
+            "pairs": entries,
+            # Every pair's parameters and scores, kept or not, for later analysis.
+            "all_pairs": [_metadata(pair) for pair in pairs],
+        }
+        self.storage.put(key, json.dumps(manifest).encode(), "application/json")
+        return RowOutcome(index, len(pairs), len(kept), False)
+
+    def stored_pairs(self) -> Iterator[ImagePair]:
+        for index in range(self.spec.total_rows):
+            manifest = json.loads(self.storage.get(row_key(self.run_id, index)))
+            for entry in manifest["pairs"]:
+                images = {
+                    name: Image.open(io.BytesIO(self.storage.get(key)))
+                    for name, key in entry["images"].items()
+                }
+                fields = {k: v for k, v in entry.items() if k != "images"}
+                yield ImagePair(
+                    **fields, input_image=images["input"], edited_image=images["edited"]
+                )
+
+    def export(self):
+        from services.datagen.dataset_export import export_dataset
+
+        generation = {
+            "rows": self.spec.total_rows,
+            "pairs_per_row": self.spec.pairs_per_row,
+            "model": self.generator.config.model,
+            "num_inference_steps": self.spec.num_inference_steps,
+            "p_range": list(self.spec.p_range),
+            "text_guidance_range": list(self.spec.text_guidance_range),
+            "filter": self.spec.filter,
+            "seed": self.spec.seed,
+        }
+        return export_dataset(
+            self.stored_pairs(),
+            self.storage,
+            export_prefix(self.run_id),
+            with_scores=self.spec.filter,
+            generation=generation,
+        )
+
+
+def _metadata(pair: ImagePair) -> dict:
+    return {
+        "row_index": pair.row_index,
+        "pair_index": pair.pair_index,
+        "category": pair.category,
+        "edit_type": pair.edit_type,
+        "input_caption": pair.input_caption,
+        "instruction": pair.instruction,
+        "output_caption": pair.output_caption,
+        "seed": pair.seed,
+        "p": pair.p,
+        "text_guidance": pair.text_guidance,
+        "num_inference_steps": pair.num_inference_steps,
+        "injected_steps": pair.injected_steps,
+        "denoising_steps": pair.denoising_steps,
+        "scores": dict(pair.scores) if pair.scores is not None else None,
+    }
+
+
+def generator_for(spec: DatasetSpec, default_model: str, device: str):
+    """The process-wide pair generator for a spec's model, steps and size."""
+    from services.datagen.pair_pipeline import PairGeneratorConfig, get_pair_generator
+
+    config = PairGeneratorConfig(
+        model=spec.model or default_model,
+        device=device,
+        num_inference_steps=spec.num_inference_steps,
+        height=spec.resolution,
+        width=spec.resolution,
+    )
+    return get_pair_generator(config)
+
+
+def clip_filter_for(spec: DatasetSpec, device: str):
+    if not spec.filter:
+        return None
+    from services.datagen.clip_filter import (
+        DEFAULT_CLIP_MODEL,
+        ClipFilterConfig,
+        get_clip_filter,
+    )
+
+    return get_clip_filter(
+        ClipFilterConfig(model=spec.clip_model or DEFAULT_CLIP_MODEL, device=device)
+    )
