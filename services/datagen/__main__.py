@@ -70,8 +70,95 @@ def run_text(args: argparse.Namespace) -> int:
     return 0
 
 
-# Subcommand registrars, in help order. The image-pair stage adds its own here.
-COMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_text_command,)
+def _range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX, got {text!r}") from None
+    return low, high
+
+
+def add_run_command(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="generate image pairs and export the dataset, in this process",
+        description=(
+            "The service's pipeline without the cluster: caption rows from the synthesizer, "
+            "image pairs by Stable Diffusion + Prompt-to-Prompt, optional CLIP filtering, "
+            "Parquet export. Re-running the same command resumes: stored rows are skipped."
+        ),
+    )
+    parser.add_argument("--rows", type=_non_negative_int, required=True, help="caption rows")
+    parser.add_argument("--pairs", type=int, default=4, help="image pairs per row (default 4)")
+    parser.add_argument("--out", required=True, help="storage URL: file://DIR or s3://BUCKET/P")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None, help="SD 1.x hub id or directory")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--resolution", type=int, default=None, help="image side in pixels")
+    parser.add_argument("--p-range", type=_range, default=(0.1, 0.9), metavar="MIN,MAX")
+    parser.add_argument("--guidance-range", type=_range, default=(7.5, 15.0), metavar="MIN,MAX")
+    parser.add_argument("--filter", action="store_true", help="CLIP-filter the pairs")
+    parser.add_argument("--clip-model", default=None)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.set_defaults(handler=run_pipeline)
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    from services.common.datasets import DatasetSpec
+    from services.common.settings import Settings
+    from services.common.storage import open_storage
+    from services.datagen.builder import DatasetBuilder, clip_filter_for, generator_for
+
+    try:
+        spec = DatasetSpec(
+            num_rows=args.rows,
+            seed=args.seed,
+            pairs_per_row=args.pairs,
+            model=args.model,
+            num_inference_steps=args.steps,
+            resolution=args.resolution,
+            p_range=args.p_range,
+            text_guidance_range=args.guidance_range,
+            filter=args.filter,
+            clip_model=args.clip_model,
+        )
+    except ValidationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    settings = Settings(storage_url=args.out, device=args.device)
+    storage = open_storage(settings)
+    run_id = spec.run_id()
+    builder = DatasetBuilder(
+        run_id,
+        spec,
+        storage,
+        generator_for(spec, settings.datagen_model, settings.device),
+        clip_filter_for(spec, settings.device),
+    )
+    generated = kept = skipped = 0
+    with tqdm(total=spec.total_rows, unit="row", desc=f"run {run_id}") as bar:
+        for index in range(spec.total_rows):
+            outcome = builder.process_row(index)
+            generated += outcome.generated
+            kept += outcome.kept
+            skipped += outcome.skipped
+            bar.set_postfix(pairs=kept, refresh=False)
+            bar.update()
+    summary = builder.export()
+    print(
+        f"run {run_id}: {spec.total_rows} rows ({skipped} already stored), "
+        f"{kept} of {generated} pairs kept; dataset: {args.out.rstrip('/')}/"
+        f"{summary.card_key.rsplit('/', 1)[0]} ({len(summary.shard_keys)} shard(s))",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# Subcommand registrars, in help order.
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_text_command, add_run_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
