@@ -1,7 +1,9 @@
 """Throughput of the dataset generator's stages.
 
-    python bench/datagen_bench.py                    # every part (today: text)
+    python bench/datagen_bench.py                    # every part (text, images)
     python bench/datagen_bench.py --text --rows 3000 100000 --repeat 3
+    python bench/datagen_bench.py --images           # tiny random SD on the CPU
+    python bench/datagen_bench.py --images --full-size --image-rows 8   # on a GPU
 
 Each part is a ``bench_*`` function registered in ``PARTS`` with its flag;
 a part prints its own table. Timings are wall-clock on whatever machine runs
@@ -47,9 +49,134 @@ def bench_text(args: argparse.Namespace) -> None:
         print(" | ".join(f"{c:>{w}{f}}" for c, w, f in zip(cells, widths, formats, strict=True)))
 
 
-# flag -> (help, bench function). The image-pair stage adds "--images" here.
+def build_full_size_pipeline(device: str):
+    """Stable Diffusion 1.5's architecture (UNet, VAE, CLIP ViT-L/14 text encoder) with
+    random weights, built from configs: the real model's cost without downloading it.
+    The tokenizer is the tiny byte-level one (one token per character); every prompt is
+    padded to 77 tokens anyway, so the text encoder's cost is the real one."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from services.common.tiny_components import write_tokenizer
+    from services.datagen.pair_pipeline import resolve_device
+    from services.datagen.tiny_sd import build_scheduler
+
+    target = resolve_device(device)
+    dtype = torch.float16 if target.type == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(0)
+    # Initialised on the target device: random init of 1B parameters on a CPU takes minutes.
+    with torch.device(target):
+        unet = UNet2DConditionModel(  # the defaults are SD 1.x's, but the text width
+            sample_size=64, cross_attention_dim=768, attention_head_dim=8
+        )
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_attention_heads=12,
+                num_hidden_layers=12,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                projection_dim=768,
+                bos_token_id=vocab - 2,
+                eos_token_id=vocab - 1,
+                pad_token_id=vocab - 1,
+            )
+        )
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=build_scheduler("pndm"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe.to(dtype=dtype)
+
+
+def bench_images(args: argparse.Namespace) -> None:
+    """Image pairs per second: Stable Diffusion + Prompt-to-Prompt, then Parquet export."""
+    import tempfile
+
+    from services.common.storage import FileStorage
+    from services.datagen.dataset_export import export_dataset
+    from services.datagen.pair_params import PairSampling, pair_params_for_row
+    from services.datagen.pair_pipeline import PairGenerator, PairGeneratorConfig
+    from services.datagen.prompt_to_prompt import ALL_CROSS_ATTENTION
+    from services.datagen.tiny_sd import build_tiny_stable_diffusion
+
+    if args.full_size:
+        kind, pipe = "SD 1.5 architecture, random weights", build_full_size_pipeline(args.device)
+        steps, size = args.steps or 50, args.size or 512
+    else:
+        kind, pipe = "tiny random SD", build_tiny_stable_diffusion(seed=0)
+        steps, size = args.steps or 20, args.size or 64
+    config = PairGeneratorConfig(
+        model="<bench>",
+        device=args.device,
+        num_inference_steps=steps,
+        height=size,
+        width=size,
+        max_pairs_per_batch=args.batch_pairs,
+        cross_attention_layers=ALL_CROSS_ATTENTION if args.cross_attention else None,
+    )
+    generator = PairGenerator(config, pipeline=pipe)
+    info = generator.setup()
+    sampling = PairSampling(pairs_per_row=args.pairs_per_row)
+    rows = list(synthesize(args.image_rows + 1, args.seed))
+    generator.generate_row(rows[0], pair_params_for_row(args.seed, 0, PairSampling(1)))  # warm-up
+
+    print(
+        f"image pairs ({kind}; {info.device} {info.dtype}; {size}x{size}, {steps} steps "
+        f"{info.scheduler}; {args.pairs_per_row} pairs/row, <= {args.batch_pairs} per UNet "
+        f"batch; cross-attention {'on' if args.cross_attention else 'off'}; "
+        f"best of {args.repeat})"
+    )
+    header = ("rows", "pairs", "generate s", "pairs/s", "s/pair", "export s", "pairs/s")
+    widths = (5, 6, 10, 8, 7, 8, 8)
+    print(" | ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
+    print("-+-".join("-" * w for w in widths))
+    generate = export = float("inf")
+    for _ in range(args.repeat):
+        pairs = []
+        started = time.perf_counter()
+        for row in rows[1:]:
+            pairs += generator.generate_row(
+                row, pair_params_for_row(args.seed, row.index, sampling)
+            )
+        generated = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            export_dataset(pairs, FileStorage(tmp), "bench")
+        generate = min(generate, generated - started)
+        export = min(export, time.perf_counter() - generated)
+    count = len(pairs)
+    cells = (args.image_rows, count, generate, count / generate, generate / count, export)
+    cells += (count / export,)
+    formats = ("d", "d", ".2f", ".2f", ".3f", ".2f", ".1f")
+    print(" | ".join(f"{c:>{w}{f}}" for c, w, f in zip(cells, widths, formats, strict=True)))
+
+
+# flag -> (help, bench function).
 PARTS: dict[str, tuple[str, Callable[[argparse.Namespace], None]]] = {
     "text": ("benchmark the text synthesizer", bench_text),
+    "images": ("benchmark image pairs (SD + Prompt-to-Prompt) and their export", bench_images),
 }
 
 
@@ -63,6 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[3000, 100_000],
         help="text row counts to time (default: 3000 100000)",
+    )
+    images = parser.add_argument_group("images")
+    images.add_argument("--image-rows", type=int, default=4, help="text rows to draw (default 4)")
+    images.add_argument("--pairs-per-row", type=int, default=4, help="pairs per row (default 4)")
+    images.add_argument(
+        "--batch-pairs", type=int, default=4, help="pairs per UNet batch (default 4)"
+    )
+    images.add_argument("--steps", type=int, default=None, help="default: 20 tiny, 50 full size")
+    images.add_argument("--size", type=int, default=None, help="default: 64 tiny, 512 full size")
+    images.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    images.add_argument(
+        "--cross-attention", action="store_true", help="also inject shared tokens' cross-attention"
+    )
+    images.add_argument(
+        "--full-size",
+        action="store_true",
+        help="SD 1.5's architecture with random weights instead of the tiny model (use a GPU)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="runs per size; best is kept")

@@ -85,3 +85,12 @@ def write_catalog(directory, common: dict | None = None, categories: list[dict] 
 @pytest.fixture(scope="session")
 def tiny_catalog(tmp_path_factory):
     return load_catalog(write_catalog(tmp_path_factory.mktemp("tiny_catalog")))
+
+
+# The image-pair stage's fixtures (tiny Stable Diffusion and CLIP models, generators).
+from tests.datagen.conftest_images import (  # noqa: E402, F401
+    clip_filter,
+    pair_generator,
+    tiny_clip_dir,
+    tiny_sd_dir,
+)

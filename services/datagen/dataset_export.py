@@ -1,0 +1,454 @@
+"""The image-pair dataset as Parquet shards in the Hugging Face ``datasets`` layout.
+
+    <prefix>/data/train-00000-of-00003.parquet
+    <prefix>/data/train-00001-of-00003.parquet
+    <prefix>/data/train-00002-of-00003.parquet
+    <prefix>/dataset_card.md
+
+One row per image pair. Images are PNG bytes in the ``datasets`` Image feature (a struct
+``{bytes, path}``), and the Parquet schema carries the ``huggingface`` features metadata,
+so ``datasets.load_dataset("parquet", data_files=...)`` decodes them to PIL images, and
+the column names are the defaults of diffusers' ``train_instruct_pix2pix.py``
+(``input_image``, ``edit_prompt``, ``edited_image``): ``--dataset_name <prefix folder>``
+loads it. Uploaded as is (with the card as ``README.md``), the folder is a Hub dataset.
+
+Shards are spooled to a local temporary directory while pairs arrive and go to storage
+(a directory or S3, ``services.common.storage``) on ``close()``, when their number is
+known; shards of an earlier export under the same prefix that this one did not write are
+deleted, so the prefix always holds exactly one dataset. A writer left by an exception
+(``with DatasetWriter(...)``) writes nothing to storage. An export of no pairs is one
+shard with the schema and no rows (which pyarrow reads; ``datasets`` refuses empty splits).
+
+This module needs pyarrow and PIL, not torch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from services.common.storage import Storage
+from services.datagen.pair_params import ImagePair
+
+__all__ = [
+    "CARD_NAME",
+    "IMAGE_COLUMNS",
+    "SCORE_COLUMNS",
+    "DatasetWriter",
+    "ExportSummary",
+    "arrow_schema",
+    "dataset_card",
+    "export_dataset",
+    "pair_record",
+]
+
+CARD_NAME = "dataset_card.md"
+IMAGE_COLUMNS = ("input_image", "edited_image")
+SCORE_COLUMNS = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
+DEFAULT_MAX_SHARD_BYTES = 256 * 2**20
+DEFAULT_ROW_GROUP_SIZE = 100
+PARQUET_CONTENT_TYPE = "application/vnd.apache.parquet"
+
+_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+# (column, arrow type, datasets feature), in column order.
+_COLUMNS: tuple[tuple[str, pa.DataType, dict[str, str]], ...] = (
+    ("input_image", _IMAGE, {"_type": "Image"}),
+    ("edit_prompt", pa.string(), {"dtype": "string", "_type": "Value"}),
+    ("edited_image", _IMAGE, {"_type": "Image"}),
+    ("input_caption", pa.string(), {"dtype": "string", "_type": "Value"}),
+    ("output_caption", pa.string(), {"dtype": "string", "_type": "Value"}),
+    ("category", pa.string(), {"dtype": "string", "_type": "Value"}),
+    ("edit_type", pa.string(), {"dtype": "string", "_type": "Value"}),
+    ("seed", pa.int64(), {"dtype": "int64", "_type": "Value"}),
+    ("p", pa.float64(), {"dtype": "float64", "_type": "Value"}),
+    ("text_guidance", pa.float64(), {"dtype": "float64", "_type": "Value"}),
+    ("row_index", pa.int64(), {"dtype": "int64", "_type": "Value"}),
+    ("pair_index", pa.int64(), {"dtype": "int64", "_type": "Value"}),
+)
+_SCORE_FEATURE = {"dtype": "float64", "_type": "Value"}
+# Dataset card dtypes of the features above.
+_CARD_DTYPES = {"Image": "image", "string": "string", "int64": "int64", "float64": "float64"}
+
+
+def _columns(with_scores: bool):
+    columns = list(_COLUMNS)
+    if with_scores:
+        columns += [(name, pa.float64(), _SCORE_FEATURE) for name in SCORE_COLUMNS]
+    return columns
+
+
+def arrow_schema(with_scores: bool = False) -> pa.Schema:
+    """The shards' schema, with the ``huggingface`` features metadata ``datasets`` reads."""
+    columns = _columns(with_scores)
+    features = {name: feature for name, _, feature in columns}
+    metadata = {"huggingface": json.dumps({"info": {"features": features}})}
+    return pa.schema([(name, arrow_type) for name, arrow_type, _ in columns], metadata=metadata)
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pair_record(pair: ImagePair, with_scores: bool = False) -> dict[str, Any]:
+    """One pair as a row of the dataset (images encoded as PNG)."""
+    stem = f"{pair.row_index:07d}_{pair.pair_index:02d}"
+    record: dict[str, Any] = {
+        "input_image": {"bytes": _png(pair.input_image), "path": f"{stem}_input.png"},
+        "edit_prompt": pair.instruction,
+        "edited_image": {"bytes": _png(pair.edited_image), "path": f"{stem}_edited.png"},
+        "input_caption": pair.input_caption,
+        "output_caption": pair.output_caption,
+        "category": pair.category,
+        "edit_type": pair.edit_type,
+        "seed": pair.seed,
+        "p": pair.p,
+        "text_guidance": pair.text_guidance,
+        "row_index": pair.row_index,
+        "pair_index": pair.pair_index,
+    }
+    if with_scores:
+        if pair.scores is None:
+            raise ValueError(
+                f"pair {pair.pair_index} of row {pair.row_index} has no CLIP scores, "
+                "but the dataset's first pair had them"
+            )
+        record.update({name: float(pair.scores[name]) for name in SCORE_COLUMNS})
+    elif pair.scores is not None:
+        raise ValueError(
+            f"pair {pair.pair_index} of row {pair.row_index} has CLIP scores, "
+            "but the dataset's first pair had none"
+        )
+    return record
+
+
+@dataclass(frozen=True, slots=True)
+class ExportSummary:
+    num_rows: int
+    shard_keys: tuple[str, ...]
+    card_key: str
+    num_bytes: int  # of all shards
+    with_scores: bool
+    # Pairs and distinct rows (caption pairs) per category and per edit type.
+    pairs_per_category: Mapping[str, int] = field(default_factory=dict)
+    pairs_per_edit_type: Mapping[str, int] = field(default_factory=dict)
+    rows_per_category: Mapping[str, int] = field(default_factory=dict)
+    rows_per_edit_type: Mapping[str, int] = field(default_factory=dict)
+
+
+def _join(prefix: str, key: str) -> str:
+    prefix = prefix.strip("/")
+    return f"{prefix}/{key}" if prefix else key
+
+
+class DatasetWriter:
+    """Streams pairs into Parquet shards; ``close()`` publishes them and the card.
+
+    with DatasetWriter(storage, "datasets/run-1", generation={"model": ...}) as writer:
+        for pair in pairs:
+            writer.add(pair)
+    summary = writer.summary
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        prefix: str = "",
+        *,
+        split: str = "train",
+        with_scores: bool | None = None,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+        generation: Mapping[str, Any] | None = None,
+        pretty_name: str = "InstructEdit product edits",
+        license: str = "other",
+    ) -> None:
+        """``with_scores``: whether the CLIP score columns exist; None = as the first pair.
+        ``max_shard_bytes``: a shard is closed once its encoded rows reach this size.
+        ``generation``: parameters of the run, listed in the dataset card."""
+        if max_shard_bytes < 1 or row_group_size < 1:
+            raise ValueError("max_shard_bytes and row_group_size must be >= 1")
+        self.storage = storage
+        self.prefix = prefix.strip("/")
+        self.split = split
+        self.with_scores = with_scores
+        self.max_shard_bytes = max_shard_bytes
+        self.row_group_size = row_group_size
+        self.generation = dict(generation or {})
+        self.pretty_name = pretty_name
+        self.license = license
+        self.summary: ExportSummary | None = None
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="instructedit-parquet-")
+        self._shards: list[Path] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._shard_bytes = 0
+        self._buffer: list[dict[str, Any]] = []
+        self._num_rows = 0
+        self._pairs: Counter[tuple[str, str]] = Counter()
+        self._rows: set[tuple[int, str, str]] = set()
+        self._closed = False
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+    def add(self, pair: ImagePair) -> None:
+        if self._closed:
+            raise RuntimeError("the dataset writer is closed")
+        if self.with_scores is None:
+            self.with_scores = pair.scores is not None
+        record = pair_record(pair, self.with_scores)
+        self._buffer.append(record)
+        self._shard_bytes += sum(len(record[name]["bytes"]) for name in IMAGE_COLUMNS)
+        self._num_rows += 1
+        self._pairs[(pair.category, pair.edit_type)] += 1
+        self._rows.add((pair.row_index, pair.category, pair.edit_type))
+        if len(self._buffer) >= self.row_group_size:
+            self._flush()
+        if self._shard_bytes >= self.max_shard_bytes:
+            self._end_shard()
+
+    def add_many(self, pairs: Iterable[ImagePair]) -> None:
+        for pair in pairs:
+            self.add(pair)
+
+    def _schema(self) -> pa.Schema:
+        return arrow_schema(bool(self.with_scores))
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        if self._writer is None:
+            path = Path(self._tmp.name) / f"shard-{len(self._shards):05d}.parquet"
+            self._shards.append(path)
+            self._writer = pq.ParquetWriter(path, self._schema())
+        table = pa.Table.from_pylist(self._buffer, schema=self._schema())
+        self._writer.write_table(table, row_group_size=self.row_group_size)
+        self._buffer = []
+
+    def _end_shard(self) -> None:
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._shard_bytes = 0
+
+    def shard_key(self, index: int, count: int) -> str:
+        return _join(self.prefix, f"data/{self.split}-{index:05d}-of-{count:05d}.parquet")
+
+    def close(self) -> ExportSummary:
+        """Finish the last shard, upload shards and card, remove stale shards."""
+        if self.summary is not None:
+            return self.summary
+        self._closed = True
+        try:
+            self._end_shard()
+            if not self._shards:
+                # An empty dataset still loads: one shard with the schema and no row group
+                # (datasets cannot read a row group of 0 rows).
+                path = Path(self._tmp.name) / "shard-00000.parquet"
+                pq.ParquetWriter(path, self._schema()).close()
+                self._shards.append(path)
+            count = len(self._shards)
+            keys = []
+            num_bytes = 0
+            for index, path in enumerate(self._shards):
+                data = path.read_bytes()
+                num_bytes += len(data)
+                key = self.shard_key(index, count)
+                self.storage.put(key, data, PARQUET_CONTENT_TYPE)
+                keys.append(key)
+                path.unlink()
+            stale_prefix = _join(self.prefix, f"data/{self.split}-")
+            for key in self.storage.list(stale_prefix):
+                if key.endswith(".parquet") and key not in keys:
+                    self.storage.delete(key)
+            summary = self._summary(tuple(keys), num_bytes)
+            self.storage.put(
+                summary.card_key,
+                dataset_card(
+                    summary,
+                    split=self.split,
+                    generation=self.generation,
+                    pretty_name=self.pretty_name,
+                    license=self.license,
+                ).encode("utf-8"),
+                "text/markdown; charset=utf-8",
+            )
+            self.summary = summary
+            return summary
+        finally:
+            self._tmp.cleanup()
+
+    def discard(self) -> None:
+        """Drop everything written so far; storage is left untouched."""
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._buffer = []
+        self._tmp.cleanup()
+
+    def _summary(self, keys: tuple[str, ...], num_bytes: int) -> ExportSummary:
+        pairs_category: Counter[str] = Counter()
+        pairs_edit: Counter[str] = Counter()
+        for (category, edit_type), count in self._pairs.items():
+            pairs_category[category] += count
+            pairs_edit[edit_type] += count
+        rows_category = Counter(category for _, category, _ in self._rows)
+        rows_edit = Counter(edit_type for _, _, edit_type in self._rows)
+        return ExportSummary(
+            num_rows=self._num_rows,
+            shard_keys=keys,
+            card_key=_join(self.prefix, CARD_NAME),
+            num_bytes=num_bytes,
+            with_scores=bool(self.with_scores),
+            pairs_per_category=dict(sorted(pairs_category.items())),
+            pairs_per_edit_type=dict(sorted(pairs_edit.items())),
+            rows_per_category=dict(sorted(rows_category.items())),
+            rows_per_edit_type=dict(sorted(rows_edit.items())),
+        )
+
+
+def export_dataset(
+    pairs: Iterable[ImagePair], storage: Storage, prefix: str = "", **options: Any
+) -> ExportSummary:
+    """Write ``pairs`` as a dataset under ``prefix`` (options: see ``DatasetWriter``)."""
+    with DatasetWriter(storage, prefix, **options) as writer:
+        writer.add_many(pairs)
+    return writer.summary
+
+
+def _size_category(rows: int) -> str:
+    for limit, name in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+        (10_000_000, "1M<n<10M"),
+    ):
+        if rows < limit:
+            return name
+    return "10M<n<100M"
+
+
+def _table(title: str, pairs: Mapping[str, int], rows: Mapping[str, int]) -> list[str]:
+    lines = [f"| {title} | pairs | caption rows |", "|---|---:|---:|"]
+    lines += [f"| `{name}` | {count} | {rows.get(name, 0)} |" for name, count in pairs.items()]
+    lines.append(f"| **total** | {sum(pairs.values())} | {sum(rows.values())} |")
+    return lines
+
+
+def dataset_card(
+    summary: ExportSummary,
+    *,
+    split: str = "train",
+    generation: Mapping[str, Any] | None = None,
+    pretty_name: str = "InstructEdit product edits",
+    license: str = "other",
+) -> str:
+    """A Hugging Face dataset card (YAML header + Markdown) for an export."""
+    features = [
+        {"name": name, "dtype": _CARD_DTYPES[feature.get("dtype", feature["_type"])]}
+        for name, _, feature in _columns(summary.with_scores)
+    ]
+    header = {
+        "pretty_name": pretty_name,
+        "license": license,
+        "language": ["en"],
+        "task_categories": ["image-to-image"],
+        "tags": ["image-editing", "instruct-pix2pix", "synthetic", "product-photos"],
+        "size_categories": [_size_category(summary.num_rows)],
+        "configs": [
+            {
+                "config_name": "default",
+                "data_files": [{"split": split, "path": f"data/{split}-*"}],
+            }
+        ],
+        "dataset_info": {
+            "features": features,
+            "splits": [
+                {"name": split, "num_bytes": summary.num_bytes, "num_examples": summary.num_rows}
+            ],
+            "download_size": summary.num_bytes,
+            "dataset_size": summary.num_bytes,
+        },
+    }
+    score_note = (
+        "`clip_sim_0`, `clip_sim_1`, `clip_sim_dir`, `clip_sim_image`: CLIP similarity of the "
+        "input image and caption, of the edited image and output caption, directional "
+        "similarity, and image-image similarity; pairs were kept only above the thresholds."
+        if summary.with_scores
+        else "No CLIP filter was applied."
+    )
+    lines = [
+        "---",
+        yaml.safe_dump(header, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        f"# {pretty_name}",
+        "",
+        "Synthetic product-photo edits for fine-tuning InstructPix2Pix, generated by "
+        "InstructEdit's dataset generator: a catalog-driven text synthesizer writes "
+        "(input caption, instruction, output caption) rows, Stable Diffusion draws the "
+        "input image from the input caption and Prompt-to-Prompt attention injection draws "
+        "the edited image from the output caption with the same noise.",
+        "",
+        f"{summary.num_rows} pairs from {sum(summary.rows_per_category.values())} caption rows, "
+        f"in {len(summary.shard_keys)} Parquet shard(s) under `data/`.",
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        "",
+        f'dataset = load_dataset("parquet", data_files="data/{split}-*.parquet")["train"]',
+        'dataset[0]["input_image"], dataset[0]["edit_prompt"], dataset[0]["edited_image"]',
+        "```",
+        "",
+        "The columns are the defaults of diffusers' `train_instruct_pix2pix.py` "
+        "(`--original_image_column input_image --edit_prompt_column edit_prompt "
+        "--edited_image_column edited_image`).",
+        "",
+        "## Columns",
+        "",
+        "- `input_image`, `edited_image`: PNG images.",
+        "- `edit_prompt`: the edit instruction.",
+        "- `input_caption`, `output_caption`: what each image was generated from.",
+        "- `category`, `edit_type`: product category and kind of edit.",
+        "- `seed`: seed of the pair's initial noise (both images).",
+        "- `p`: fraction of denoising steps in which the edited image used the input "
+        "image's attention maps.",
+        "- `text_guidance`: classifier-free guidance scale of both images.",
+        "- `row_index`, `pair_index`: the caption row and the pair within it.",
+        f"- {score_note}",
+        "",
+        "## Pairs per category",
+        "",
+        *_table("category", summary.pairs_per_category, summary.rows_per_category),
+        "",
+        "## Pairs per edit type",
+        "",
+        *_table("edit type", summary.pairs_per_edit_type, summary.rows_per_edit_type),
+    ]
+    if generation:
+        lines += ["", "## Generation parameters", "", "| parameter | value |", "|---|---|"]
+        lines += [f"| `{name}` | `{value}` |" for name, value in generation.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,415 @@
+"""Image pairs from caption pairs: Stable Diffusion + Prompt-to-Prompt.
+
+For each pair the input image is Stable Diffusion text-to-image of the input caption and
+the output image comes from the output caption with the same seed and initial noise,
+the output branch using the input branch's attention maps during the first fraction p of
+the steps (``prompt_to_prompt``). Both branches, both classifier-free-guidance halves and
+up to ``max_pairs_per_batch`` pairs of a row go through the UNet in one call per step.
+
+    generator = PairGenerator(PairGeneratorConfig(model="path/or/hub-id"))
+    generator.setup()                      # load once per worker process
+    pairs = generator.generate_row(row, pair_params_for_row(run_seed, row.index))
+
+Each branch has its own scheduler instance and its own CPU generator seeded with the pair
+seed, so each branch is stepped exactly as ``StableDiffusionPipeline`` would step it
+alone: with p = 0 the input image is plain text-to-image of the input caption and the
+output image plain text-to-image of the output caption, for any scheduler (stochastic
+ones draw the same noise in both branches).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from services.common.settings import DEFAULT_DATAGEN_MODEL, Settings, get_settings
+from services.datagen.pair_params import EditRow, ImagePair, PairParams
+from services.datagen.prompt_to_prompt import (
+    ALL_SELF_ATTENTION,
+    AttentionController,
+    InjectionLayers,
+    injected_step_count,
+    shared_token_map,
+)
+
+__all__ = [
+    "PairGenerator",
+    "PairGeneratorConfig",
+    "PairGeneratorInfo",
+    "get_pair_generator",
+    "load_text_to_image_pipeline",
+    "resolve_device",
+]
+
+log = logging.getLogger(__name__)
+
+DECODE_BATCH = 8
+
+# on_step(done, total): after every denoising step of a generate_row call. An exception
+# raised in it (a cancellation) stops the generation at once and propagates.
+StepCallback = Callable[[int, int], None]
+
+
+class ModelUnavailable(RuntimeError):
+    """The text-to-image model cannot be found or loaded; the message says what to do."""
+
+
+NO_MODEL_HINT = (
+    "Set INSTRUCTEDIT_DATAGEN_MODEL to a local copy of a Stable Diffusion 1.x pipeline (a "
+    "directory with model_index.json), or generate a tiny offline one with "
+    "`python -m services.datagen.tiny_sd DIR`."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PairGeneratorConfig:
+    # Hub id or local directory of a Stable Diffusion 1.x-compatible text-to-image pipeline.
+    model: str = DEFAULT_DATAGEN_MODEL
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_inference_steps: int = 50
+    # Image size; None = the model's native size (512 for SD 1.x). Multiples of 8.
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str = ""
+    # A diffusers scheduler class name ("EulerAncestralDiscreteScheduler", "DDIMScheduler",
+    # ...) built from the model's scheduler config; None = the model's own scheduler.
+    scheduler: str | None = None
+    # Prompt-to-Prompt layers (regex over attention layer names; None = none).
+    self_attention_layers: str | None = ALL_SELF_ATTENTION
+    cross_attention_layers: str | None = None
+    # Pairs of one row denoised in one UNet batch (4 UNet rows each).
+    max_pairs_per_batch: int = 4
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **overrides) -> PairGeneratorConfig:
+        """Model and device from ``INSTRUCTEDIT_DATAGEN_MODEL`` / ``INSTRUCTEDIT_DEVICE``."""
+        settings = settings or get_settings()
+        return cls(**{"model": settings.datagen_model, "device": settings.device, **overrides})
+
+    def __post_init__(self) -> None:
+        if self.num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be >= 1")
+        if self.max_pairs_per_batch < 1:
+            raise ValueError("max_pairs_per_batch must be >= 1")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class PairGeneratorInfo:
+    model: str
+    device: str
+    dtype: str
+    scheduler: str
+    height: int
+    width: int
+    controlled_layers: int
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but no CUDA device is available")
+    return resolved
+
+
+def load_text_to_image_pipeline(model: str, dtype: torch.dtype):
+    """``StableDiffusionPipeline`` from a local directory or a Hub id (downloaded into the
+    Hugging Face cache once), without safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelUnavailable(
+                f"model directory {path} has no model_index.json; it is not a diffusers "
+                f"pipeline. {NO_MODEL_HINT}"
+            )
+        source = str(path.resolve())
+    elif model.startswith((".", "/", "~")):
+        raise ModelUnavailable(f"model directory {model} does not exist. {NO_MODEL_HINT}")
+    else:
+        source = model
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            source,
+            dtype=dtype,
+            # Product photos, not open-ended generation: the checker would blank outputs.
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except Exception as exc:
+        raise ModelUnavailable(
+            f"the text-to-image model {model!r} could not be loaded "
+            f"({type(exc).__name__}: {exc}). {NO_MODEL_HINT}"
+        ) from exc
+
+
+def _accepts(function: Callable, parameter: str) -> bool:
+    return parameter in inspect.signature(function).parameters
+
+
+class PairGenerator:
+    """Loads a Stable Diffusion 1.x pipeline once (``setup``) and turns caption pairs into
+    image pairs (``generate``, ``generate_row``)."""
+
+    def __init__(self, config: PairGeneratorConfig | None = None, pipeline=None) -> None:
+        """``pipeline``: an already built ``StableDiffusionPipeline`` to use instead of
+        loading ``config.model`` (benchmarks, tests)."""
+        self.config = config or PairGeneratorConfig()
+        self._given_pipeline = pipeline
+        self.pipe = None
+        self.controller = AttentionController(
+            InjectionLayers(self.config.self_attention_layers, self.config.cross_attention_layers)
+        )
+        self.info: PairGeneratorInfo | None = None
+
+    # -- setup -------------------------------------------------------------------------
+
+    def setup(self) -> PairGeneratorInfo:
+        if self.info is not None:
+            return self.info
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+        device = resolve_device(self.config.device)
+        # fp16 on GPUs (half the memory, tensor cores); CPUs have no fast fp16.
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        pipe = self._given_pipeline
+        if pipe is None:
+            pipe = load_text_to_image_pipeline(self.config.model, dtype)
+        if pipe.unet.dtype != dtype:  # a given pipeline; loaded ones already have it
+            pipe.to(dtype=dtype)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        if self.config.scheduler is not None:
+            import diffusers
+
+            scheduler_class = getattr(diffusers, self.config.scheduler, None)
+            if not (
+                isinstance(scheduler_class, type)
+                and issubclass(scheduler_class, diffusers.SchedulerMixin)
+            ):
+                raise ValueError(f"unknown diffusers scheduler {self.config.scheduler!r}")
+            pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+        controlled = self.controller.install(pipe.unet)
+        self.pipe = pipe
+        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.info = PairGeneratorInfo(
+            model=self.config.model if self._given_pipeline is None else "<in-memory pipeline>",
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            scheduler=type(pipe.scheduler).__name__,
+            height=self.config.height or native,
+            width=self.config.width or native,
+            controlled_layers=len(controlled),
+        )
+        log.info("pair generator ready: %s", self.info)
+        return self.info
+
+    def _require_pipe(self):
+        if self.pipe is None:
+            raise RuntimeError("PairGenerator.setup() was not called")
+        return self.pipe
+
+    @property
+    def device(self) -> torch.device:
+        return self._require_pipe().device
+
+    # -- generation ----------------------------------------------------------------------
+
+    def generate(self, row: EditRow, params: PairParams) -> ImagePair:
+        """One image pair of ``row``."""
+        return self.generate_row(row, [params])[0]
+
+    def generate_row(
+        self,
+        row: EditRow,
+        params: Sequence[PairParams],
+        on_step: StepCallback | None = None,
+    ) -> list[ImagePair]:
+        """The image pairs of ``row``, one per ``params`` entry, in that order."""
+        self._require_pipe()
+        size = self.config.max_pairs_per_batch
+        chunks = [params[start : start + size] for start in range(0, len(params), size)]
+        steps = self.denoising_steps
+        total = steps * len(chunks)
+        pairs: list[ImagePair] = []
+        for number, chunk in enumerate(chunks):
+
+            def chunk_step(done: int, _total: int, offset: int = number * steps) -> None:
+                if on_step is not None:
+                    on_step(offset + done, total)
+
+            latents = self.denoise(row, chunk, on_step=chunk_step)
+            images = self.decode(latents.flatten(0, 1))
+            for index, pair_params in enumerate(chunk):
+                pairs.append(
+                    ImagePair.from_row(
+                        row,
+                        pair_params,
+                        num_inference_steps=self.config.num_inference_steps,
+                        injected_steps=injected_step_count(pair_params.p, steps),
+                        denoising_steps=steps,
+                        input_image=images[2 * index],
+                        edited_image=images[2 * index + 1],
+                    )
+                )
+        return pairs
+
+    @property
+    def denoising_steps(self) -> int:
+        """UNet evaluations per image (PNDM takes one more than num_inference_steps)."""
+        scheduler = self._new_scheduler()
+        scheduler.set_timesteps(self.config.num_inference_steps)
+        return len(scheduler.timesteps)
+
+    def _new_scheduler(self):
+        base = self._require_pipe().scheduler
+        return type(base).from_config(base.config)
+
+    def _token_map(self, row: EditRow):
+        if self.config.cross_attention_layers is None:
+            return None
+        tokenizer = self.pipe.tokenizer
+
+        def ids(text: str) -> list[int]:
+            return tokenizer(
+                text,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+            ).input_ids
+
+        return shared_token_map(
+            ids(row.input_caption), ids(row.output_caption), tokenizer.eos_token_id
+        )
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        row: EditRow,
+        params: Sequence[PairParams],
+        on_step: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Latents of ``params``' pairs, shape (pairs, 2 = input/output, C, h, w)."""
+        pipe = self._require_pipe()
+        if not params:
+            raise ValueError("no pair parameters given")
+        config = self.config
+        device = pipe.device
+        pairs = len(params)
+        info = self.info
+        height, width = info.height, info.width
+
+        # Text: [input caption, output caption] and their unconditional embeddings, laid out
+        # as the controller expects: [uncond (in, out) x P, text (in, out) x P].
+        text, uncond = pipe.encode_prompt(
+            [row.input_caption, row.output_caption],
+            device,
+            1,
+            True,
+            negative_prompt=[config.negative_prompt] * 2 if config.negative_prompt else None,
+        )
+        embeddings = torch.cat([uncond.repeat(pairs, 1, 1), text.repeat(pairs, 1, 1)])
+
+        # Per branch: a scheduler and a CPU generator seeded with the pair seed, so both
+        # branches start from the same noise and the noise is the same on any device.
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (
+            1,
+            pipe.unet.config.in_channels,
+            height // pipe.vae_scale_factor,
+            width // pipe.vae_scale_factor,
+        )
+        schedulers, generators, latents = [], [], []
+        for pair_params in params:
+            for _branch in range(2):
+                scheduler = self._new_scheduler()
+                scheduler.set_timesteps(config.num_inference_steps, device=device)
+                generator = torch.Generator(device="cpu").manual_seed(pair_params.seed)
+                noise = randn_tensor(shape, generator=generator, device=device, dtype=text.dtype)
+                schedulers.append(scheduler)
+                generators.append(generator)
+                latents.append(noise * scheduler.init_noise_sigma)
+        step_kwargs = []
+        for scheduler, generator in zip(schedulers, generators, strict=True):
+            kwargs = {}
+            if _accepts(scheduler.step, "eta"):
+                kwargs["eta"] = 0.0
+            if _accepts(scheduler.step, "generator"):
+                kwargs["generator"] = generator
+            step_kwargs.append(kwargs)
+
+        timesteps = schedulers[0].timesteps
+        steps = len(timesteps)
+        injected = [injected_step_count(pair_params.p, steps) for pair_params in params]
+        guidance = [pair_params.text_guidance for pair_params in params]
+        with self.controller.session(injected, device=device, token_map=self._token_map(row)):
+            for step, t in enumerate(timesteps):
+                self.controller.set_step(step)
+                scaled = torch.cat(
+                    [s.scale_model_input(x, t) for s, x in zip(schedulers, latents, strict=True)]
+                )
+                noise_pred = pipe.unet(
+                    torch.cat([scaled, scaled]),
+                    t,
+                    encoder_hidden_states=embeddings,
+                    return_dict=False,
+                )[0]
+                noise_uncond, noise_text = noise_pred.chunk(2)
+                for row_index, scheduler in enumerate(schedulers):
+                    rows = slice(row_index, row_index + 1)
+                    # StableDiffusionPipeline's guidance formula, term for term.
+                    guided = noise_uncond[rows] + guidance[row_index // 2] * (
+                        noise_text[rows] - noise_uncond[rows]
+                    )
+                    latents[row_index] = scheduler.step(
+                        guided, t, latents[row_index], **step_kwargs[row_index], return_dict=False
+                    )[0]
+                if on_step is not None:
+                    on_step(step + 1, steps)
+        return torch.cat(latents).unflatten(0, (pairs, 2))
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """PIL images of a batch of latents (N, C, h, w), decoded a few at a time (the
+        VAE decoder's full-resolution activations dominate its memory)."""
+        images: list[Image.Image] = []
+        for start in range(0, latents.shape[0], DECODE_BATCH):
+            images += self._decode(latents[start : start + DECODE_BATCH])
+        return images
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        pipe = self._require_pipe()
+        vae = pipe.vae
+        scaled = latents / vae.config.scaling_factor
+        pixels = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+        if not torch.isfinite(pixels).all():
+            # The SD VAE decoder can overflow fp16 into inf/NaN (a black picture): redo
+            # that decode in float32.
+            log.warning("fp16 VAE decode overflowed; decoding again in float32")
+            pixels = vae.to(torch.float32).decode(scaled.float(), return_dict=False)[0]
+            vae.to(pipe.unet.dtype)
+        return pipe.image_processor.postprocess(pixels, output_type="pil")
+
+
+@cache
+def get_pair_generator(config: PairGeneratorConfig) -> PairGenerator:
+    """The process-wide generator for ``config``, set up on first use (one model load per
+    worker process)."""
+    generator = PairGenerator(config)
+    generator.setup()
+    return generator

@@ -1,0 +1,229 @@
+"""Prompt-to-Prompt attention processors, on single attention layers and a tiny UNet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from services.common.tiny_components import TEXT_HIDDEN, build_unet
+from services.datagen.prompt_to_prompt import (
+    ALL_CROSS_ATTENTION,
+    ALL_SELF_ATTENTION,
+    AttentionController,
+    InjectionLayers,
+    PromptToPromptProcessor,
+    TokenMap,
+    injected_step_count,
+    shared_token_map,
+)
+
+S, E = 100, 101  # start and end token ids of the made-up sequences below
+
+
+@pytest.mark.parametrize(
+    ("p", "steps", "expected"),
+    [(0.0, 10, 0), (1.0, 10, 10), (0.3, 10, 3), (0.31, 10, 4), (0.5, 5, 3), (0.1, 51, 6)],
+)
+def test_injected_step_count_is_the_first_fraction_p_of_the_steps(p, steps, expected):
+    assert injected_step_count(p, steps) == expected
+    # Step i is injected iff i < p * steps.
+    assert expected == sum(1 for i in range(steps) if i < p * steps - 1e-9)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.01])
+def test_injected_step_count_rejects_p_outside_0_1(p):
+    with pytest.raises(ValueError, match="p must be"):
+        injected_step_count(p, 10)
+
+
+def test_shared_token_map_aligns_shared_tokens_start_end_and_padding():
+    # input "1 2 3", output "1 9 3 4": 1 and 3 are shared, 9 and 4 are new.
+    input_ids = [S, 1, 2, 3, E, E, E, E]
+    output_ids = [S, 1, 9, 3, 4, E, E, E]
+    token_map = shared_token_map(input_ids, output_ids, E)
+    assert token_map.shared == (True, True, False, True, False, True, True, True)
+    shared_sources = [s for s, ok in zip(token_map.source, token_map.shared, strict=True) if ok]
+    # start -> start, 1 -> 1, 3 -> 3, end token and padding from the input's end token on.
+    assert shared_sources == [0, 1, 3, 4, 5, 6]
+    # Identical captions map every position to itself.
+    same = shared_token_map(input_ids, input_ids, E)
+    assert same.source == tuple(range(8)) and all(same.shared)
+    with pytest.raises(ValueError, match="same length"):
+        shared_token_map(input_ids, output_ids[:-1], E)
+
+
+def test_shared_token_map_with_a_longer_input_drops_tail_positions_past_the_end():
+    input_ids = [S, 1, 2, 3, 4, 5, E, E]
+    output_ids = [S, 1, E, E, E, E, E, E]
+    token_map = shared_token_map(input_ids, output_ids, E)
+    # Output end token (position 2) -> input end token (6), 3 -> 7, 4.. -> past the end.
+    assert token_map.source[:4] == (0, 1, 6, 7)
+    assert token_map.shared == (True, True, True, True, False, False, False, False)
+
+
+# -- one attention layer against a hand-written reference -----------------------------------
+
+
+def _layer(cross: bool) -> Attention:
+    torch.manual_seed(0)
+    return Attention(query_dim=16, cross_attention_dim=12 if cross else None, heads=2, dim_head=8)
+
+
+def _reference(attn, hidden, context, injected_pairs, token_map=None):
+    """Attention computed naively: per row, softmax(q k^T / sqrt(d)) v, where the output
+    branch of an injected pair uses the input branch's map (whole, or shared tokens')."""
+    context = hidden if context is None else context
+    batch = hidden.shape[0]
+    heads, dim = attn.heads, attn.to_q.out_features // attn.heads
+
+    def split(x):
+        return x.view(batch, -1, heads, dim).transpose(1, 2)
+
+    q, k, v = split(attn.to_q(hidden)), split(attn.to_k(context)), split(attn.to_v(context))
+    maps = (q @ k.transpose(-1, -2) / dim**0.5).softmax(-1)
+    used = maps.clone()
+    for half in range(2):
+        for pair in range(batch // 4):
+            src, dst = half * batch // 2 + 2 * pair, half * batch // 2 + 2 * pair + 1
+            if pair not in injected_pairs:
+                continue
+            if token_map is None:
+                used[dst] = maps[src]
+            else:
+                for j, (source, shared) in enumerate(
+                    zip(token_map.source, token_map.shared, strict=True)
+                ):
+                    if shared:
+                        used[dst][..., j] = maps[src][..., source]
+    out = (used @ v).transpose(1, 2).reshape(batch, -1, heads * dim)
+    return attn.to_out[0](out)
+
+
+@pytest.mark.parametrize("record", [False, True], ids=["sdpa", "explicit"])
+def test_self_attention_processor_uses_the_input_branch_maps_for_injected_pairs(record):
+    attn = _layer(cross=False)
+    controller = AttentionController(InjectionLayers(), record=record)
+    attn.set_processor(PromptToPromptProcessor(controller, "layer.attn1", is_cross=False))
+    torch.manual_seed(1)
+    hidden = torch.randn(8, 5, 16)  # 2 pairs x 2 branches x 2 guidance halves
+    with torch.no_grad(), controller.session([1, 0]):
+        controller.set_step(0)  # pair 0 injected, pair 1 not
+        out = attn(hidden)
+        expected = _reference(attn, hidden, None, injected_pairs={0})
+        assert torch.allclose(out, expected, atol=1e-5)
+        assert not torch.allclose(out, _reference(attn, hidden, None, injected_pairs=set()))
+        controller.set_step(1)  # nothing injected any more
+        assert torch.allclose(attn(hidden), _reference(attn, hidden, None, set()), atol=1e-5)
+    if record:
+        first = controller.records[0]
+        assert first.injected.tolist() == [True, False]
+        assert torch.equal(first.maps[:, 0, 1], first.maps[:, 0, 0])
+        assert not torch.equal(first.maps[:, 1, 1], first.maps[:, 1, 0])
+        assert torch.equal(first.maps[:, 1, 1], first.own_output_maps[:, 1])
+
+
+@pytest.mark.parametrize("record", [False, True], ids=["plain", "recorded"])
+def test_cross_attention_processor_copies_only_the_shared_tokens_maps(record):
+    attn = _layer(cross=True)
+    controller = AttentionController(InjectionLayers(cross_attention=".*"), record=record)
+    attn.set_processor(PromptToPromptProcessor(controller, "layer.attn2", is_cross=True))
+    torch.manual_seed(2)
+    hidden, context = torch.randn(4, 6, 16), torch.randn(4, 5, 12)
+    token_map = TokenMap(source=(0, 1, 3, 3, 4), shared=(True, False, True, False, True))
+    with torch.no_grad(), controller.session([2], token_map=token_map):
+        controller.set_step(1)
+        out = attn(hidden, encoder_hidden_states=context)
+        expected = _reference(attn, hidden, context, {0}, token_map)
+        assert torch.allclose(out, expected, atol=1e-5)
+        controller.set_step(2)
+        plain = _reference(attn, hidden, context, set())
+        assert torch.allclose(attn(hidden, encoder_hidden_states=context), plain, atol=1e-5)
+
+
+def test_cross_attention_is_not_injected_without_a_token_map():
+    attn = _layer(cross=True)
+    controller = AttentionController(InjectionLayers(cross_attention=".*"))
+    attn.set_processor(PromptToPromptProcessor(controller, "layer.attn2", is_cross=True))
+    hidden, context = torch.randn(4, 6, 16), torch.randn(4, 5, 12)
+    with torch.no_grad(), controller.session([5]):
+        controller.set_step(0)
+        out = attn(hidden, encoder_hidden_states=context)
+    assert torch.allclose(out, _reference(attn, hidden, context, set()), atol=1e-5)
+
+
+def test_a_batch_that_is_not_four_rows_per_pair_is_refused():
+    attn = _layer(cross=False)
+    controller = AttentionController()
+    attn.set_processor(PromptToPromptProcessor(controller, "layer.attn1", is_cross=False))
+    with torch.no_grad(), controller.session([1, 1]):
+        controller.set_step(0)
+        with pytest.raises(RuntimeError, match="does not hold 2 pair"):
+            attn(torch.randn(4, 5, 16))
+
+
+def test_sessions_do_not_nest_and_steps_need_a_session():
+    controller = AttentionController()
+    with pytest.raises(RuntimeError, match="no attention-control session"):
+        controller.set_step(0)
+    with (
+        controller.session([1]),
+        pytest.raises(RuntimeError, match="already running"),
+        controller.session([1]),
+    ):
+        pass
+    with pytest.raises(ValueError, match="at least one pair"), controller.session([]):
+        pass
+
+
+# -- installation on a UNet ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return build_unet(in_channels=4, seed=0)
+
+
+def _kinds(unet):
+    return {
+        name.removesuffix(".processor"): type(processor)
+        for name, processor in unet.attn_processors.items()
+    }
+
+
+def test_install_controls_the_chosen_layers_and_keeps_sdpa_everywhere_else(unet):
+    controlled = AttentionController(InjectionLayers()).install(unet)
+    kinds = _kinds(unet)
+    assert set(controlled) == {name for name in kinds if name.endswith(".attn1")}
+    for name, kind in kinds.items():
+        expected = PromptToPromptProcessor if name.endswith(".attn1") else AttnProcessor2_0
+        assert kind is expected, name
+
+    both = InjectionLayers(ALL_SELF_ATTENTION, ALL_CROSS_ATTENTION)
+    assert len(AttentionController(both).install(unet)) == len(kinds)
+    assert set(_kinds(unet).values()) == {PromptToPromptProcessor}
+
+    one = InjectionLayers(r"up_blocks\.1\.attentions\.0\..*\.attn1", None)
+    assert AttentionController(one).install(unet) == (
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn1",
+    )
+    assert list(_kinds(unet).values()).count(AttnProcessor2_0) == len(kinds) - 1
+
+
+def test_installed_processors_are_plain_sdpa_outside_a_session(unet):
+    torch.manual_seed(3)
+    latents, t = torch.randn(4, 4, 8, 8), torch.tensor(500)
+    text = torch.randn(4, 7, TEXT_HIDDEN)
+    with torch.no_grad():
+        unet.set_attn_processor(AttnProcessor2_0())
+        plain = unet(latents, t, encoder_hidden_states=text).sample
+        controller = AttentionController(InjectionLayers(ALL_SELF_ATTENTION, ALL_CROSS_ATTENTION))
+        controller.install(unet)
+        assert torch.equal(unet(latents, t, encoder_hidden_states=text).sample, plain)
+        # Inside a session, but at a step where nothing is injected: still plain SDPA.
+        with controller.session([1]):
+            controller.set_step(1)
+            assert torch.equal(unet(latents, t, encoder_hidden_states=text).sample, plain)
+            controller.set_step(0)
+            injected = unet(latents, t, encoder_hidden_states=text).sample
+        assert not torch.allclose(injected, plain)
