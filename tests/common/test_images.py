@@ -108,6 +108,7 @@ def test_upright_size_predicts_model_input_size_without_decoding_twice():
 
     decoded = decode_image(_exif_rotated_jpeg())
     assert upright_size(decoded.image) == (40, 80)
-    assert model_input_size(*upright_size(decoded.image), 512) == to_model_input(
-        decoded.image, 512
-    ).size
+    assert (
+        model_input_size(*upright_size(decoded.image), 512)
+        == to_model_input(decoded.image, 512).size
+    )

@@ -100,9 +100,7 @@ def test_job_held_by_a_live_worker_is_deferred_until_its_lease_lapses(engine, jo
     assert 29 < outcome.seconds <= 31
 
     # The holder died: its lease lapsed without renewal.
-    jobs.transition(
-        job.id, {JobStatus.running}, lease_expires_at=utcnow() - timedelta(seconds=1)
-    )
+    jobs.transition(job.id, {JobStatus.running}, lease_expires_at=utcnow() - timedelta(seconds=1))
     assert runner(engine, jobs, storage).handle(job.id) == {job.id: JobStatus.succeeded}
 
 
