@@ -42,3 +42,19 @@ tiny-model: install
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache
+
+# Load test a running stack (e.g. `make run MODEL=tiny` in another terminal): LOADTEST_USERS
+# users submit, poll and download jobs for LOADTEST_TIME; CSV statistics in LOADTEST_DIR.
+LOADTEST_HOST ?= http://$(HOST):$(PORT)
+LOADTEST_USERS ?= 4
+LOADTEST_SPAWN_RATE ?= 2
+LOADTEST_TIME ?= 60s
+LOADTEST_DIR ?= var/loadtest
+
+.PHONY: loadtest
+loadtest: install
+	mkdir -p $(LOADTEST_DIR)
+	$(BIN)/locust -f tests/load/locustfile.py --headless --only-summary \
+		--host '$(LOADTEST_HOST)' --users $(LOADTEST_USERS) \
+		--spawn-rate $(LOADTEST_SPAWN_RATE) --run-time $(LOADTEST_TIME) --stop-timeout 30 \
+		--csv $(LOADTEST_DIR)/locust --csv-full-history

@@ -8,6 +8,7 @@ import redis
 from celery import Celery
 from fastapi import Depends, Request
 
+from services.common.datasets import RunStore
 from services.common.jobs import JobStore
 from services.common.settings import Settings
 from services.common.storage import Storage
@@ -25,6 +26,10 @@ def get_job_store(request: Request) -> JobStore:
     return request.app.state.jobs
 
 
+def get_run_store(request: Request) -> RunStore:
+    return request.app.state.runs
+
+
 def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
@@ -37,4 +42,5 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
+RunStoreDep = Annotated[RunStore, Depends(get_run_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]

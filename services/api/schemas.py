@@ -40,8 +40,23 @@ class EditJobResponse(BaseModel):
         )
 
 
+class EngineStatus(BaseModel):
+    """A worker process whose model is loaded and warmed up."""
+
+    worker: str
+    model: str
+    device: str
+    dtype: str
+    attention: str
+    compiled: bool
+    max_batch: int
+    ready_at: str
+
+
 class ReadinessResponse(BaseModel):
     ready: bool
     redis: str
     storage: str
+    # Workers that answered a broker ping, and the engines among them ready to serve.
     workers: list[str]
+    engines: list[EngineStatus] = []

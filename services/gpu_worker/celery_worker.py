@@ -21,12 +21,14 @@ from celery import signals
 
 from services.common.celery_app import create_celery_app
 from services.common.jobs import JobStore, utcnow
+from services.common.logging import configure_celery_logging
 from services.common.queues import EDIT_TASK
 from services.common.settings import get_settings
 from services.common.storage import open_storage
 from services.common.workers import WorkerRegistry
 from services.gpu_worker.edit_job import Deferred, EditRunner
 from services.gpu_worker.engine import EditEngine, EngineOptions
+from services.gpu_worker.metrics import MetricsObserver, start_metrics_server
 from services.gpu_worker.model_loading import ModelUnavailable, resolve_model
 
 log = logging.getLogger("instructedit.gpu_worker")
@@ -45,6 +47,10 @@ class _Process:
 state = _Process()
 
 
+# JSON logs with the job's request id, instead of Celery's own handlers.
+signals.setup_logging.connect(configure_celery_logging)
+
+
 @signals.worker_init.connect
 def _resolve_model_in_parent(**_) -> None:
     try:
@@ -54,6 +60,8 @@ def _resolve_model_in_parent(**_) -> None:
         log.critical("%s", exc)
         print(f"instructedit worker cannot start: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    # Before the pool forks, so every child writes into the same multiprocess registry.
+    start_metrics_server(settings.worker_metrics_port)
 
 
 @signals.worker_process_init.connect
@@ -100,6 +108,7 @@ def _setup_process() -> None:
         batch_window_ms=settings.batch_window_ms,
         lease_s=settings.job_lease_s,
         engine_error=engine_error,
+        observer=MetricsObserver(),
     )
 
 

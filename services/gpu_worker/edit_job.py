@@ -32,6 +32,7 @@ from services.common.jobs import (
     output_key,
     utcnow,
 )
+from services.common.logging import bind_request_id
 from services.common.storage import ObjectNotFound, Storage, StorageError
 from services.gpu_worker.engine import EditEngine, EditRequest
 
@@ -108,8 +109,9 @@ class EditRunner:
             log.info("job %s is %s; not running it", job_id, held.status)
             return None
         self.jobs.remove_pending(job.batch_key, job.id)
-        batch = [job, *self._gather(job)]
-        return self.run(batch)
+        with bind_request_id(job.request_id, job.id):
+            batch = [job, *self._gather(job)]
+            return self.run(batch)
 
     # -- claiming ----------------------------------------------------------------------
 
@@ -250,6 +252,10 @@ class EditRunner:
         return results
 
     def _finish(self, job: EditJob, outcome, engine_s: float) -> JobStatus | None:
+        with bind_request_id(job.request_id, job.id):
+            return self._record_outcome(job, outcome, engine_s)
+
+    def _record_outcome(self, job: EditJob, outcome, engine_s: float) -> JobStatus | None:
         if isinstance(outcome, JobCanceled):
             log.info("job %s was canceled while running", job.id)
             return JobStatus.canceled
@@ -284,7 +290,8 @@ class EditRunner:
         return {item.job.id: self._fail(item.job, code, message) for item in group}
 
     def _fail(self, job: EditJob, code: str, message: str) -> JobStatus | None:
-        log.warning("job %s failed: %s: %s", job.id, code, message)
+        with bind_request_id(job.request_id, job.id):
+            log.warning("job %s failed: %s: %s", job.id, code, message)
         try:
             failed = self.jobs.transition(
                 job.id,

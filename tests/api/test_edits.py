@@ -139,7 +139,9 @@ def test_health_and_readiness(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "redis": "ok", "storage": "ok", "workers": []}
+    assert ready.json() == {
+        "ready": True, "redis": "ok", "storage": "ok", "workers": [], "engines": []
+    }
 
 
 def test_readiness_fails_without_redis(settings, tmp_path):

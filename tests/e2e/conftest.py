@@ -50,6 +50,7 @@ def start_stack(tmp_path_factory, model_dir: str, redis_url: str, **extra: str):
         "device": "cpu",
         # Short leases: a job whose worker was killed is taken over within seconds.
         "job_lease_s": "3",
+        "worker_metrics_port": str(free_port()),
         **extra,
     }
     env = service_env(**settings)

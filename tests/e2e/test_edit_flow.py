@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,27 @@ def test_jobs_queued_together_run_as_one_batch(stack, tiny_model_dir):
             assert np.abs(got - alone.astype(int)).max() <= 1
     first, *others = (job["id"] for job in batch)
     assert f"job {first} runs in a batch with {others}" in stack.worker.log()
+
+
+def test_request_id_and_metrics_follow_the_job_into_the_worker(stack):
+    import httpx
+
+    with stack.client() as client:
+        response = client.post(
+            "/v1/edits",
+            files={"image": ("a.png", image_bytes(), "image/png")},
+            data={"prompt": "make it green", "num_inference_steps": "2"},
+            headers={"X-Request-ID": "req-e2e-4242"},
+        )
+        assert response.headers["x-request-id"] == "req-e2e-4242"
+        job = response.json()
+        assert stack.wait_finished(job["id"])["status"] == "succeeded"
+    worker_lines = [line for line in stack.worker.log().splitlines() if "req-e2e-4242" in line]
+    assert any(f"job {job['id']} succeeded" in line for line in worker_lines)
+    record = json.loads(worker_lines[-1][worker_lines[-1].index("{") :])
+    assert record["request_id"] == "req-e2e-4242" and record["job_id"] == job["id"]
+
+    port = stack.settings["worker_metrics_port"]
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert "instructedit_worker_job_duration_seconds_count" in metrics
+    assert "instructedit_worker_queue_wait_seconds_count" in metrics

@@ -10,8 +10,10 @@ from pydantic import ValidationError
 
 from services.api.deps import CeleryDep, JobStoreDep, SettingsDep, StorageDep
 from services.api.errors import APIError, ErrorResponse
+from services.api.metrics import JOBS_SUBMITTED
 from services.api.schemas import EditJobResponse
 from services.api.uploads import check_image, read_limited
+from services.common.images import model_input_size, upright_size
 from services.common.jobs import (
     FINISHED,
     EditJob,
@@ -98,7 +100,8 @@ def submit_edit(
     data = read_limited(image, settings.max_upload_bytes)
     decoded = check_image(data)
 
-    job = EditJob.new(params, decoded.content_type, request.headers.get("x-request-id"))
+    size = model_input_size(*upright_size(decoded.image), settings.max_side)
+    job = EditJob.new(params, decoded.content_type, request.state.request_id, size)
     try:
         storage.put(job.input_key, data, decoded.content_type)
     except StorageError as exc:
@@ -107,6 +110,7 @@ def submit_edit(
             503, "storage_unavailable", "the image could not be stored; retry later"
         ) from None
     jobs.create(job)
+    jobs.add_pending(job)
     try:
         # Only the id travels through the broker; the worker reads everything else.
         celery.send_task(EDIT_TASK, args=[job.id], queue=EDITS_QUEUE, task_id=job.id)
@@ -123,6 +127,7 @@ def submit_edit(
             503, "queue_unavailable", "the job could not be queued; retry later"
         ) from None
 
+    JOBS_SUBMITTED.inc()
     response.headers["Location"] = f"/v1/edits/{job.id}"
     return _respond(job, request, storage, settings)
 
