@@ -50,59 +50,18 @@ def bench_text(args: argparse.Namespace) -> None:
 
 
 def build_full_size_pipeline(device: str):
-    """Stable Diffusion 1.5's architecture (UNet, VAE, CLIP ViT-L/14 text encoder) with
-    random weights, built from configs: the real model's cost without downloading it.
-    The tokenizer is the tiny byte-level one (one token per character); every prompt is
-    padded to 77 tokens anyway, so the text encoder's cost is the real one."""
-    import tempfile
-
+    """Stable Diffusion 1.5's architecture with random weights (bench/full_size.py)."""
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import StableDiffusionPipeline
 
-    from services.common.tiny_components import write_tokenizer
+    from bench.full_size import full_size_components
     from services.datagen.pair_pipeline import resolve_device
     from services.datagen.tiny_sd import build_scheduler
 
     target = resolve_device(device)
     dtype = torch.float16 if target.type == "cuda" else torch.float32
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab = write_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    torch.manual_seed(0)
-    # Initialised on the target device: random init of 1B parameters on a CPU takes minutes.
-    with torch.device(target):
-        unet = UNet2DConditionModel(  # the defaults are SD 1.x's, but the text width
-            sample_size=64, cross_attention_dim=768, attention_head_dim=8
-        )
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_attention_heads=12,
-                num_hidden_layers=12,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-                bos_token_id=vocab - 2,
-                eos_token_id=vocab - 1,
-                pad_token_id=vocab - 1,
-            )
-        )
     pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
+        **full_size_components(4, target),
         scheduler=build_scheduler("pndm"),
         safety_checker=None,
         feature_extractor=None,

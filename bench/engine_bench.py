@@ -30,10 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.common.jobs import EditParams  # noqa: E402
-from services.common.tiny_components import (  # noqa: E402
-    build_euler_ancestral_scheduler,
-    write_tokenizer,
-)
+from services.common.tiny_components import build_euler_ancestral_scheduler  # noqa: E402
 from services.gpu_worker.engine import EditEngine, EditRequest, EngineOptions  # noqa: E402
 
 # Measured for the full-size model at 512x512 (DEVELOPERS.md): UNet 677 GFLOP per sample per
@@ -57,58 +54,14 @@ class Result:
     mfu: float | None
 
 
-def build_full_size_pipeline():
-    """InstructPix2Pix at full size with random weights, from the released configs."""
-    from diffusers import (
-        AutoencoderKL,
-        StableDiffusionInstructPix2PixPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def build_full_size_pipeline(device: torch.device):
+    """InstructPix2Pix at full size with random weights (bench/full_size.py)."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=8,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-        )
-    )
-    # Token ids only index the embedding table; the byte-level tokenizer's 514 ids suffice.
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    from bench.full_size import full_size_components
+
     return StableDiffusionInstructPix2PixPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
+        **full_size_components(8, device),
         scheduler=build_euler_ancestral_scheduler(),
         safety_checker=None,
         feature_extractor=None,
@@ -217,7 +170,7 @@ def run(args) -> tuple[list[Result], dict]:
     results: list[Result] = []
 
     def pipeline():
-        return build_tiny_pipeline() if args.tiny else build_full_size_pipeline()
+        return build_tiny_pipeline() if args.tiny else build_full_size_pipeline(device)
 
     # Stock: the pipeline as diffusers ships it, fp16, default attention processors.
     pipe = pipeline().to(device=device, dtype=dtype)

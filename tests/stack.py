@@ -66,15 +66,15 @@ class Service:
         self._log.close()
 
 
-def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker") -> Service:
-    """A GPU worker started exactly as production starts it (prefork, one process)."""
+def _celery_worker(app: str, queue: str, name: str, env, log_dir: Path) -> Service:
+    """A Celery worker started exactly as production starts it (prefork, one process)."""
     argv = [
         str(BIN / "celery"),
         "--app",
-        "services.gpu_worker.celery_worker",
+        app,
         "worker",
         "--queues",
-        "edits",
+        queue,
         "--pool",
         "prefork",
         "--concurrency",
@@ -87,6 +87,10 @@ def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker") -> Se
         "--without-gossip",
     ]
     return Service(name, argv, env, log_dir)
+
+
+def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker") -> Service:
+    return _celery_worker("services.gpu_worker.celery_worker", "edits", name, env, log_dir)
 
 
 def start_api(env: dict[str, str], log_dir: Path, port: int) -> Service:
@@ -111,22 +115,4 @@ def start_api(env: dict[str, str], log_dir: Path, port: int) -> Service:
 
 
 def start_datagen_worker(env: dict[str, str], log_dir: Path, name: str = "datagen") -> Service:
-    argv = [
-        str(BIN / "celery"),
-        "--app",
-        "services.datagen.celery_worker",
-        "worker",
-        "--queues",
-        "datagen",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        "1",
-        "--loglevel",
-        "INFO",
-        "--hostname",
-        f"{name}-{os.getpid()}@%h",
-        "--without-mingle",
-        "--without-gossip",
-    ]
-    return Service(name, argv, env, log_dir)
+    return _celery_worker("services.datagen.celery_worker", "datagen", name, env, log_dir)
