@@ -140,7 +140,11 @@ def test_health_and_readiness(client):
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json() == {
-        "ready": True, "redis": "ok", "storage": "ok", "workers": [], "engines": []
+        "ready": True,
+        "redis": "ok",
+        "storage": "ok",
+        "workers": [],
+        "engines": [],
     }
 
 
