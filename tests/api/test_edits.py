@@ -117,12 +117,17 @@ def test_unknown_job_is_404(client, method, path):
     assert response.json()["error"]["code"] == "job_not_found"
 
 
-def test_cancel_queued_job_then_cancel_again_is_409(client):
+def test_cancel_queued_job_then_cancel_again_is_409(client, settings):
     job = submit(client).json()
+    store = client.app.state.jobs
+    key = store.get(job["id"]).batch_key
+    assert key == "64x48:20:cfg"
+    assert store.pending(key, 10) == [job["id"]]
     canceled = client.post(f"/v1/edits/{job['id']}/cancel")
     assert canceled.status_code == 200
     assert canceled.json()["status"] == "canceled"
     assert canceled.json()["finished_at"] is not None
+    assert store.pending(key, 10) == []  # no worker will look at it for a batch
     again = client.post(f"/v1/edits/{job['id']}/cancel")
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "job_finished"

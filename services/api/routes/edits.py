@@ -183,4 +183,5 @@ def cancel_edit(
         ) from None
     except JobNotFound:
         raise APIError(404, "job_not_found", f"no edit job with id {job_id!r}") from None
+    jobs.remove_pending(job.batch_key, job.id)
     return _respond(job, request, storage, settings)
