@@ -69,13 +69,26 @@ def _load_engine_in_child(**_) -> None:
     _setup_process()
 
 
+def child_device(requested: str) -> str:
+    """One pool process per GPU: pool child i serves GPU i (`--concurrency` = GPU count)."""
+    if requested not in ("auto", "cuda"):
+        return requested
+    import torch
+    from billiard.process import current_process
+
+    if not torch.cuda.is_available():
+        return requested
+    index = getattr(current_process(), "index", None) or 0
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
 def _setup_process() -> None:
     client = redis.Redis.from_url(settings.redis_url)
     model_path = state.model_path or str(resolve_model(settings.model))
     engine: EditEngine | None = EditEngine(
         model_path,
         EngineOptions(
-            device=settings.device,
+            device=child_device(settings.device),
             max_batch=settings.max_batch,
             compile_unet=settings.compile_unet,
             compile_mode=settings.compile_mode,
