@@ -24,11 +24,11 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
 import torch
 from PIL import Image
 
+from services.common.model_source import ModelUnavailable, local_pipeline_dir, resolve_device
 from services.common.settings import DEFAULT_DATAGEN_MODEL, Settings, get_settings
 from services.datagen.pair_params import EditRow, ImagePair, PairParams
 from services.datagen.prompt_to_prompt import (
@@ -55,10 +55,6 @@ DECODE_BATCH = 8
 # on_step(done, total): after every denoising step of a generate_row call. An exception
 # raised in it (a cancellation) stops the generation at once and propagates.
 StepCallback = Callable[[int, int], None]
-
-
-class ModelUnavailable(RuntimeError):
-    """The text-to-image model cannot be found or loaded; the message says what to do."""
 
 
 NO_MODEL_HINT = (
@@ -115,32 +111,13 @@ class PairGeneratorInfo:
     controlled_layers: int
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but no CUDA device is available")
-    return resolved
-
-
 def load_text_to_image_pipeline(model: str, dtype: torch.dtype):
     """``StableDiffusionPipeline`` from a local directory or a Hub id (downloaded into the
     Hugging Face cache once), without safety checker."""
     from diffusers import StableDiffusionPipeline
 
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelUnavailable(
-                f"model directory {path} has no model_index.json; it is not a diffusers "
-                f"pipeline. {NO_MODEL_HINT}"
-            )
-        source = str(path.resolve())
-    elif model.startswith((".", "/", "~")):
-        raise ModelUnavailable(f"model directory {model} does not exist. {NO_MODEL_HINT}")
-    else:
-        source = model
+    local = local_pipeline_dir(model, NO_MODEL_HINT)
+    source = str(local) if local is not None else model
     try:
         return StableDiffusionPipeline.from_pretrained(
             source,

@@ -23,6 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from services.common.jobs import EditParams, batch_key, uses_guidance
+from services.common.model_source import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,6 @@ class EditRequest:
     image: Image.Image
     params: EditParams
     on_step: StepCallback | None = None
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("INSTRUCTEDIT_DEVICE=cuda but no CUDA device is available")
-    return torch.device(device)
 
 
 @dataclass

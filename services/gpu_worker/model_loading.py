@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from services.common.model_source import ModelUnavailable, local_pipeline_dir
+
 log = logging.getLogger(__name__)
 
 NO_MODEL_HINT = (
@@ -13,26 +15,15 @@ NO_MODEL_HINT = (
 )
 
 
-class ModelUnavailable(RuntimeError):
-    """The model cannot be found or loaded; the message says what to do."""
-
-
 def resolve_model(model: str) -> Path:
     """Return a local directory holding `model`, downloading it into the HF cache if needed.
 
     Runs in the worker's parent process, before any child touches CUDA, so a missing model
     stops the worker at start instead of failing every job.
     """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelUnavailable(
-                f"model directory {path} has no model_index.json; it is not a diffusers "
-                f"pipeline. {NO_MODEL_HINT}"
-            )
-        return path.resolve()
-    if model.startswith((".", "/", "~")):
-        raise ModelUnavailable(f"model directory {model} does not exist. {NO_MODEL_HINT}")
+    local = local_pipeline_dir(model, NO_MODEL_HINT)
+    if local is not None:
+        return local
 
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
