@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Start the local stack: Redis (if nothing answers), the API on HOST:PORT and one worker,
-# with file storage under ./var. Ctrl-C stops everything this script started.
+# Start the local stack: Redis (if nothing answers), the API on HOST:PORT, one edit worker
+# and one datagen worker, with file storage under ./var. Ctrl-C stops everything started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +16,12 @@ if [[ "${MODEL:-}" == "tiny" ]]; then
     echo "generating the tiny offline model in var/models/tiny ..."
     "$BIN/python" -m services.gpu_worker.tiny_model var/models/tiny
   fi
+  if [[ ! -f var/models/tiny-sd/model_index.json ]]; then
+    echo "generating the tiny offline text-to-image model in var/models/tiny-sd ..."
+    "$BIN/python" -m services.datagen.tiny_sd var/models/tiny-sd
+  fi
   export INSTRUCTEDIT_MODEL=$PWD/var/models/tiny
+  export INSTRUCTEDIT_DATAGEN_MODEL=$PWD/var/models/tiny-sd
 elif [[ -n "${MODEL:-}" ]]; then
   export INSTRUCTEDIT_MODEL=$MODEL
 fi
@@ -56,7 +61,10 @@ fi
 echo "model: ${INSTRUCTEDIT_MODEL:-timbrooks/instruct-pix2pix (default)}"
 echo "storage: $INSTRUCTEDIT_STORAGE_URL"
 "$BIN/celery" --app services.gpu_worker.celery_worker worker --queues edits \
-  --pool prefork --concurrency 1 --loglevel INFO &
+  --pool prefork --concurrency 1 --loglevel INFO --hostname "edits@%h" &
+pids+=($!)
+"$BIN/celery" --app services.datagen.celery_worker worker --queues datagen \
+  --pool prefork --concurrency 1 --loglevel INFO --hostname "datagen@%h" &
 pids+=($!)
 "$BIN/uvicorn" services.api.main:app --host "$HOST" --port "$PORT" &
 pids+=($!)

@@ -141,7 +141,10 @@ def configure_logging(
 
 
 def configure_celery_logging(
-    loglevel: str | int | None = None, logfile: str | None = None, **_: Any
+    loglevel: str | int | None = None,
+    logfile: str | None = None,
+    service: str = "gpu_worker",
+    **_: Any,
 ) -> None:
     """Celery `setup_logging` receiver: the worker logs through `configure_logging`.
 
@@ -156,4 +159,4 @@ def configure_celery_logging(
     if loglevel:
         level = min(level, _level(loglevel))
     stream = open(logfile, "a", buffering=1, encoding="utf-8") if logfile else None  # noqa: SIM115
-    configure_logging("gpu_worker", level, as_json=settings.log_json, stream=stream)
+    configure_logging(service, level, as_json=settings.log_json, stream=stream)

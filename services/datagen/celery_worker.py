@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 
 import redis
+from celery import signals
 
 from services.common.celery_app import create_celery_app
 from services.common.datasets import RUN_FINISHED, RunError, RunStatus, RunStore, chunk_ranges
 from services.common.jobs import utcnow
+from services.common.logging import configure_celery_logging
 from services.common.queues import DATAGEN_CHUNK_TASK, DATAGEN_EXPORT_TASK, DATAGEN_QUEUE
 from services.common.settings import get_settings
 from services.common.storage import open_storage
@@ -31,6 +33,11 @@ app.conf.task_routes = {
     DATAGEN_CHUNK_TASK: {"queue": DATAGEN_QUEUE},
     DATAGEN_EXPORT_TASK: {"queue": DATAGEN_QUEUE},
 }
+
+
+@signals.setup_logging.connect
+def _json_logs(**kwargs) -> None:
+    configure_celery_logging(service="datagen", **kwargs)
 
 
 def _runs() -> RunStore:
