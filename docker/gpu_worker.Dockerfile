@@ -157,7 +157,7 @@ COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/instructedit-entrypoint
 WORKDIR /home/app
 USER 10001:10001
 HEALTHCHECK --interval=60s --timeout=30s --start-period=15m --retries=5 \
-    CMD ["/bin/sh", "-c", "celery --app services.gpu_worker.celery_worker inspect ping --destination \"celery@${HOSTNAME}\" --timeout 10"]
+    CMD ["/bin/sh", "-c", "celery --app services.common.celery_probe inspect ping --destination \"celery@${HOSTNAME}\" --timeout 10"]
 ENTRYPOINT ["/usr/local/bin/instructedit-entrypoint"]
 CMD ["celery", "--app", "services.gpu_worker.celery_worker", "worker", "--queues", "edits", "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO"]
 
@@ -183,6 +183,6 @@ COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/instructedit-entrypoint
 WORKDIR /home/app
 USER 10001:10001
 HEALTHCHECK --interval=60s --timeout=30s --start-period=15m --retries=5 \
-    CMD ["/bin/sh", "-c", "celery --app services.gpu_worker.celery_worker inspect ping --destination \"celery@${HOSTNAME}\" --timeout 10"]
+    CMD ["/bin/sh", "-c", "celery --app services.common.celery_probe inspect ping --destination \"celery@${HOSTNAME}\" --timeout 10"]
 ENTRYPOINT ["/usr/local/bin/instructedit-entrypoint"]
 CMD ["celery", "--app", "services.gpu_worker.celery_worker", "worker", "--queues", "edits", "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO"]
