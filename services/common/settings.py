@@ -38,8 +38,8 @@ class Settings(BaseSettings):
     # A running job's claim; renewed at every denoising step, so it only lapses when the
     # worker that holds it died, and then another worker may take the job over.
     job_lease_s: float = Field(60.0, gt=0)
-    # torch.compile of the UNet on CUDA ("default", "reduce-overhead" = CUDA graphs,
-    # "max-autotune"); compiled and warmed up at worker start.
+    # torch.compile of the UNet ("default", "reduce-overhead" = CUDA graphs, "max-autotune");
+    # compiled and warmed up at worker start. Pays off on CUDA; on CPU it only costs startup.
     compile_unet: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "max-autotune"
     warmup: bool = True
