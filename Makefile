@@ -58,3 +58,14 @@ loadtest: install
 		--host '$(LOADTEST_HOST)' --users $(LOADTEST_USERS) \
 		--spawn-rate $(LOADTEST_SPAWN_RATE) --run-time $(LOADTEST_TIME) --stop-timeout 30 \
 		--csv $(LOADTEST_DIR)/locust --csv-full-history
+
+# Wheels for bench/gpu_session.sh on a lent GPU machine (Python 3.12, x86-64, no internet):
+# what its image lacks, pinned in bench/gpu_requirements.txt, downloaded into .whl/.
+GPU_PYTHON_VERSION ?= 3.12
+.PHONY: gpu-wheels
+gpu-wheels: install
+	rm -rf .whl
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON_VERSION) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl -r bench/gpu_requirements.txt

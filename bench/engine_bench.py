@@ -186,7 +186,10 @@ def run(args) -> tuple[list[Result], dict]:
         engine = EditEngine(
             "random-weights",
             EngineOptions(
-                device=device.type, max_batch=max(args.batches), compile_unet=compile_unet
+                device=device.type,
+                max_batch=max(args.batches),
+                compile_unet=compile_unet,
+                compile_mode=args.compile_mode,
             ),
         )
         engine.use_pipeline(pipeline())
@@ -194,7 +197,7 @@ def run(args) -> tuple[list[Result], dict]:
             bench_engine(engine, image, args.steps, batch, 1, device)  # warm-up / compile
             _reset_peak(device)
             times = bench_engine(engine, image, args.steps, batch, args.rounds, device)
-            label = "ours" + (" + compile" if engine.info.compiled else "")
+            label = "ours" + (f" + compile ({args.compile_mode})" if engine.info.compiled else "")
             results.append(summarize(label, batch, times, args.steps, device, peak))
         del engine
         _reset_peak(device)
@@ -205,6 +208,7 @@ def run(args) -> tuple[list[Result], dict]:
         "dtype": str(dtype),
         "size": side,
         "steps": args.steps,
+        "compile_mode": args.compile_mode,
         "peak_tflops_fp16_matmul": peak,
         "model": "tiny" if args.tiny else "full-size InstructPix2Pix, random weights",
     }
@@ -239,6 +243,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
         nargs="+",
         default=None,
         help="torch.compile settings to run: on off",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default=EngineOptions.compile_mode,
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="torch.compile mode when compiling (default: the engine's)",
     )
     parser.add_argument("--json", type=Path, help="also write results here")
     args = parser.parse_args(argv)

@@ -38,10 +38,12 @@ class Settings(BaseSettings):
     # A running job's claim; renewed at every denoising step, so it only lapses when the
     # worker that holds it died, and then another worker may take the job over.
     job_lease_s: float = Field(60.0, gt=0)
-    # torch.compile of the UNet ("default", "reduce-overhead" = CUDA graphs, "max-autotune");
-    # compiled and warmed up at worker start. Pays off on CUDA; on CPU it only costs startup.
+    # torch.compile of the UNet, compiled and warmed up at worker start; pays off on CUDA.
+    # "reduce-overhead" (fused kernels + CUDA graphs, diffusers' advice) compiles in a minute
+    # or two; "max-autotune" also searches GEMM configurations, adding many minutes to every
+    # worker start for a few percent.
     compile_unet: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "max-autotune"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "reduce-overhead"
     warmup: bool = True
     # Memory fallbacks for small GPUs or large images.
     attention_slicing: bool = False

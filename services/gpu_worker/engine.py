@@ -45,7 +45,7 @@ class EngineOptions:
     device: str = "auto"
     max_batch: int = 8
     compile_unet: bool = False
-    compile_mode: str = "max-autotune"
+    compile_mode: str = "reduce-overhead"
     attention_slicing: bool = False
     vae_tiling: bool = False
     text_embedding_cache_size: int = 512

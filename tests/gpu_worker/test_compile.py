@@ -34,7 +34,7 @@ JOBS = [
 
 @pytest.fixture(scope="module")
 def compiled_engine(tiny_model_dir):
-    # "default": max-autotune's GEMM search is for GPUs and only slows a CPU test down.
+    # "default": CUDA graphs ("reduce-overhead") need a GPU; the graph and kernels are the same.
     engine = EditEngine(
         tiny_model_dir, EngineOptions(device="cpu", compile_unet=True, compile_mode="default")
     )
