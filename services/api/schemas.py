@@ -7,6 +7,7 @@ from datetime import datetime
 from pydantic import BaseModel
 
 from services.common.jobs import EditJob, EditParams, JobError, JobStatus, Progress
+from services.common.workers import EngineStatus
 
 
 class OutputRef(BaseModel):
@@ -38,19 +39,6 @@ class EditJobResponse(BaseModel):
             started_at=job.started_at,
             finished_at=job.finished_at,
         )
-
-
-class EngineStatus(BaseModel):
-    """A worker process whose model is loaded and warmed up."""
-
-    worker: str
-    model: str
-    device: str
-    dtype: str
-    attention: str
-    compiled: bool
-    max_batch: int
-    ready_at: str
 
 
 class ReadinessResponse(BaseModel):

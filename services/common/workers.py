@@ -8,14 +8,34 @@ the entry alive with a heartbeat; an entry of a dead process expires on its own.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
-from typing import Any
+from datetime import datetime
 
 import redis
+from pydantic import BaseModel, ConfigDict
 
 HEARTBEAT_S = 5.0
 TTL_S = 3 * HEARTBEAT_S
+
+
+class EngineInfo(BaseModel):
+    """What an edit engine loaded: the worker reports it, /readyz shows it."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    model: str
+    device: str
+    dtype: str
+    attention: str
+    compiled: bool
+    max_batch: int
+
+
+class EngineStatus(EngineInfo):
+    """A worker process whose engine is loaded and warmed up."""
+
+    worker: str
+    ready_at: datetime
 
 
 class WorkerRegistry:
@@ -23,31 +43,28 @@ class WorkerRegistry:
         self.redis = client
         self.prefix = f"{namespace}:engine:"
 
-    def announce(self, worker_id: str, info: dict[str, Any]) -> None:
-        self.redis.set(self.prefix + worker_id, json.dumps(info), ex=int(TTL_S))
+    def announce(self, status: EngineStatus) -> None:
+        self.redis.set(self.prefix + status.worker, status.model_dump_json(), ex=int(TTL_S))
 
     def withdraw(self, worker_id: str) -> None:
         self.redis.delete(self.prefix + worker_id)
 
-    def ready_engines(self) -> list[dict[str, Any]]:
+    def ready_engines(self) -> list[EngineStatus]:
         keys = sorted(self.redis.scan_iter(match=self.prefix + "*", count=100))
         values = self.redis.mget(keys) if keys else []
-        return [
-            {"worker": key.decode().removeprefix(self.prefix), **json.loads(value)}
-            for key, value in zip(keys, values, strict=True)
-            if value is not None
-        ]
+        # An entry that expired between SCAN and MGET reads as None.
+        return [EngineStatus.model_validate_json(v) for v in values if v is not None]
 
-    def keep_announcing(self, worker_id: str, info: dict[str, Any]) -> threading.Event:
+    def keep_announcing(self, status: EngineStatus) -> threading.Event:
         """Announce now and every HEARTBEAT_S in a daemon thread; set the event to stop."""
         stop = threading.Event()
-        self.announce(worker_id, info)
+        self.announce(status)
 
         def beat() -> None:
             while not stop.wait(HEARTBEAT_S):
                 # Redis briefly away: the next beat tries again.
                 with contextlib.suppress(redis.RedisError):
-                    self.announce(worker_id, info)
+                    self.announce(status)
 
         threading.Thread(target=beat, name="engine-heartbeat", daemon=True).start()
         return stop

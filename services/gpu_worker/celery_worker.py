@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import asdict
 
 import redis
 from celery import signals
@@ -25,7 +24,7 @@ from services.common.logging import configure_celery_logging
 from services.common.queues import EDIT_TASK
 from services.common.settings import get_settings
 from services.common.storage import open_storage
-from services.common.workers import WorkerRegistry
+from services.common.workers import EngineStatus, WorkerRegistry
 from services.gpu_worker.edit_job import Deferred, EditRunner
 from services.gpu_worker.engine import EditEngine, EngineOptions
 from services.gpu_worker.metrics import MetricsObserver, start_metrics_server
@@ -104,9 +103,12 @@ def _setup_process() -> None:
             side = settings.max_side
             sizes = [1, settings.max_batch] if settings.compile_unet else [1]
             engine.warmup((side, side), sorted(set(sizes)))
-        worker_id = f"{socket.gethostname()}:{os.getpid()}"
         WorkerRegistry(client).keep_announcing(
-            worker_id, {**asdict(info), "ready_at": utcnow().isoformat()}
+            EngineStatus(
+                **info.model_dump(),
+                worker=f"{socket.gethostname()}:{os.getpid()}",
+                ready_at=utcnow(),
+            )
         )
         log.info("edit engine ready: %s", info)
     except Exception as exc:

@@ -24,20 +24,11 @@ from PIL import Image
 
 from services.common.jobs import EditParams, batch_key, uses_guidance
 from services.common.model_source import resolve_device
+from services.common.workers import EngineInfo
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    model: str
-    device: str
-    dtype: str
-    attention: str
-    compiled: bool
-    max_batch: int
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from services.api.deps import CeleryDep, RedisDep, StorageDep
 from services.api.schemas import ReadinessResponse
-from services.common.workers import WorkerRegistry
+from services.common.workers import EngineStatus, WorkerRegistry
 
 router = APIRouter(tags=["health"])
 
@@ -31,11 +31,11 @@ def readyz(redis: RedisDep, storage: StorageDep, celery: CeleryDep) -> JSONRespo
     except Exception as exc:
         checks["storage"] = f"error: {exc}"
     workers: list[str] = []
-    engines: list[dict] = []
+    engines: list[EngineStatus] = []
     if checks["redis"] == "ok":
         replies = celery.control.ping(timeout=0.5) or []
         workers = sorted(name for reply in replies for name in reply)
         engines = WorkerRegistry(redis).ready_engines()
     ready = all(v == "ok" for v in checks.values())
     body = ReadinessResponse(ready=ready, workers=workers, engines=engines, **checks)
-    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
