@@ -75,9 +75,11 @@ class EditJob(BaseModel):
     batch_key: str = ""
     output_keys: list[str] = []
     error: JobError | None = None
-    # Set while a worker holds the job; renewed every step. A lapsed lease means the
-    # worker died and another may take the job over.
+    # Set while a worker holds the job, renewed by its heartbeat. A lapsed lease means the
+    # worker died and another may take the job over. The owner token is new at every claim:
+    # a worker that lost its claim can no longer move the job or publish outputs.
     lease_expires_at: datetime | None = None
+    lease_owner: str | None = None
     request_id: str | None = None
     created_at: datetime
     started_at: datetime | None = None
@@ -116,8 +118,10 @@ def input_key(job_id: str) -> str:
     return f"edits/{job_id}/input"
 
 
-def output_key(job_id: str, index: int) -> str:
-    return f"edits/{job_id}/output_{index}.png"
+def output_key(job_id: str, index: int, attempt: str) -> str:
+    # Per attempt: a worker that lost its claim never overwrites the outputs the job
+    # finally points at, and can delete its own.
+    return f"edits/{job_id}/{attempt}/output_{index}.png"
 
 
 class JobNotFound(KeyError):
@@ -135,18 +139,38 @@ class TransitionRefused(Exception):
 
 
 class JobStore:
-    """Edit job records as JSON strings in Redis, one key per job, expiring after a TTL."""
+    """Edit job records as JSON strings in Redis, one key per job, expiring after a TTL.
 
-    def __init__(self, client: redis.Redis, ttl_s: int, namespace: str = "instructedit") -> None:
+    Beside the records, an index of every unfinished job scored by the time it must have
+    moved on by: a queued job by `redeliver_after_s` after it was queued (else its queue
+    message is presumed lost), a running job by its lease (else its worker died). The
+    reaper (services/gpu_worker/reaper.py) sends overdue jobs to the queue again, so an
+    accepted job is never lost with a message.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        ttl_s: int,
+        namespace: str = "instructedit",
+        redeliver_after_s: float = 600.0,
+    ) -> None:
         self.redis = client
         self.ttl_s = ttl_s
         self.namespace = namespace
+        self.redeliver_after_s = redeliver_after_s
+        self._active = f"{namespace}:active"
 
     def _key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
 
     def create(self, job: EditJob) -> None:
-        if not self.redis.set(self._key(job.id), job.model_dump_json(), ex=self.ttl_s, nx=True):
+        deadline = job.created_at.timestamp() + self.redeliver_after_s
+        with self.redis.pipeline() as pipe:  # MULTI: the record never exists unindexed
+            pipe.set(self._key(job.id), job.model_dump_json(), ex=self.ttl_s, nx=True)
+            pipe.zadd(self._active, {job.id: deadline}, nx=True)
+            created, _ = pipe.execute()
+        if not created:
             raise RuntimeError(f"job id collision: {job.id}")
 
     def get(self, job_id: str) -> EditJob:
@@ -181,6 +205,10 @@ class JobStore:
                     updated = job.model_copy(update=changes)
                     pipe.multi()
                     pipe.set(key, updated.model_dump_json(), ex=self.ttl_s)
+                    if updated.status in FINISHED:
+                        pipe.zrem(self._active, job_id)
+                    elif updated.lease_expires_at is not None:
+                        pipe.zadd(self._active, {job_id: updated.lease_expires_at.timestamp()})
                     pipe.execute()
                     return updated
                 except redis.WatchError:
@@ -188,7 +216,24 @@ class JobStore:
                     continue
 
     def delete(self, job_id: str) -> None:
-        self.redis.delete(self._key(job_id))
+        with self.redis.pipeline() as pipe:
+            pipe.delete(self._key(job_id))
+            pipe.zrem(self._active, job_id)
+            pipe.execute()
+
+    def overdue(self, now: datetime, limit: int = 100) -> list[str]:
+        """Unfinished jobs past their deadline, most overdue first."""
+        ids = self.redis.zrangebyscore(self._active, "-inf", now.timestamp(), 0, limit)
+        return [i.decode() for i in ids]
+
+    def postpone(self, job_id: str, until: datetime) -> None:
+        """Move an overdue job's deadline (it was just sent again); XX: never re-adds a job
+        that finished meanwhile."""
+        self.redis.zadd(self._active, {job_id: until.timestamp()}, xx=True)
+
+    def forget(self, job_id: str) -> None:
+        """Drop a job from the index (its record expired)."""
+        self.redis.zrem(self._active, job_id)
 
     # Jobs waiting for a worker, per batch key, oldest first: where a worker looks for
     # jobs to run together with the one its queue message named.

@@ -35,9 +35,15 @@ class Settings(BaseSettings):
     # waiting at most `batch_window_ms` for more to arrive (0: take what is queued, at once).
     max_batch: int = Field(8, ge=1, le=64)
     batch_window_ms: int = Field(0, ge=0, le=5000)
-    # A running job's claim; renewed at every denoising step, so it only lapses when the
-    # worker that holds it died, and then another worker may take the job over.
+    # A running job's claim, renewed by the worker's heartbeat (every third of it), so it
+    # only lapses when the worker that holds it died; then another may take the job over.
     job_lease_s: float = Field(60.0, gt=0)
+    # Recovery of jobs whose queue message was lost (a broker failover, a crash between
+    # accepting and publishing, a task acked on failure): the workers' reaper sends a job
+    # again when it is still queued this long after it was accepted, or when its lease
+    # lapsed. A duplicate message is harmless: a job is claimed once.
+    job_redeliver_after_s: float = Field(600.0, gt=0)
+    reaper_interval_s: float = Field(15.0, gt=0)
     # torch.compile of the UNet, compiled and warmed up at worker start; pays off on CUDA.
     # "reduce-overhead" (fused kernels + CUDA graphs, diffusers' advice) compiles in a minute
     # or two; "max-autotune" also searches GEMM configurations, adding many minutes to every

@@ -6,8 +6,10 @@ module knows where bytes really live.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
@@ -40,6 +42,18 @@ class Storage(Protocol):
     def ping(self) -> None: ...
 
 
+@contextlib.contextmanager
+def _os_errors(action: str, key: str) -> Iterator[None]:
+    # A full disk or a permission problem is the store failing, not a bug: callers handle
+    # StorageError (fail the job, answer 503) and would crash on a bare OSError.
+    try:
+        yield
+    except FileNotFoundError:
+        raise ObjectNotFound(key) from None
+    except OSError as exc:
+        raise StorageError(f"could not {action} {key!r}: {exc}") from exc
+
+
 def _check_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
@@ -56,28 +70,28 @@ class FileStorage:
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write-then-rename so a reader never sees half an image.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _os_errors("write", key):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write-then-rename so a reader never sees half an image.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
     def get(self, key: str) -> bytes:
-        try:
+        with _os_errors("read", key):
             return self._path(key).read_bytes()
-        except FileNotFoundError:
-            raise ObjectNotFound(key) from None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        with _os_errors("delete", key):
+            self._path(key).unlink(missing_ok=True)
 
     def list(self, prefix: str) -> list[str]:
         if not self.root.exists():
@@ -146,7 +160,7 @@ class S3Storage:
         )
 
     def get(self, key: str) -> bytes:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             obj = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
@@ -155,9 +169,11 @@ class S3Storage:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise ObjectNotFound(key) from None
             raise StorageError(str(exc)) from exc
+        except BotoCoreError as exc:  # endpoint unreachable, read timeout, no credentials
+            raise StorageError(str(exc)) from exc
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self._client.head_object(Bucket=self.bucket, Key=self._key(key))
@@ -165,6 +181,8 @@ class S3Storage:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return False
+            raise StorageError(str(exc)) from exc
+        except BotoCoreError as exc:
             raise StorageError(str(exc)) from exc
 
     def delete(self, key: str) -> None:
@@ -174,14 +192,19 @@ class S3Storage:
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
         keys: list[str] = []
-        paginator = self._client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+
+        def collect() -> None:
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+
+        self._call(collect)
         return sorted(keys)
 
     def presigned_url(self, key: str, expires_s: int) -> str | None:
-        return self._signer.generate_presigned_url(
-            "get_object",
+        return self._call(
+            self._signer.generate_presigned_url,
+            ClientMethod="get_object",
             Params={"Bucket": self.bucket, "Key": self._key(key)},
             ExpiresIn=expires_s,
         )

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import sys
+from functools import partial
 
 import redis
 from celery import signals
@@ -21,7 +22,7 @@ from celery import signals
 from services.common.celery_app import create_celery_app
 from services.common.jobs import JobStore, utcnow
 from services.common.logging import configure_celery_logging
-from services.common.queues import EDIT_TASK
+from services.common.queues import EDIT_TASK, enqueue_edit
 from services.common.settings import get_settings
 from services.common.storage import open_storage
 from services.common.workers import EngineStatus, WorkerRegistry
@@ -29,6 +30,7 @@ from services.gpu_worker.edit_job import Deferred, EditRunner
 from services.gpu_worker.engine import EditEngine, EngineOptions
 from services.gpu_worker.metrics import MetricsObserver, start_metrics_server
 from services.gpu_worker.model_loading import ModelUnavailable, resolve_model
+from services.gpu_worker.reaper import JobReaper
 
 log = logging.getLogger("instructedit.gpu_worker")
 
@@ -83,6 +85,11 @@ def child_device(requested: str) -> str:
 
 def _setup_process() -> None:
     client = redis.Redis.from_url(settings.redis_url)
+    jobs = JobStore(client, settings.job_ttl_s, redeliver_after_s=settings.job_redeliver_after_s)
+    # In every pool process, not the parent: the parent forks replacements, and a thread
+    # there could hold a lock at the fork. A lock in Redis keeps it to one sweep a round.
+    reaper = JobReaper(jobs, partial(enqueue_edit, app), settings.job_redeliver_after_s)
+    reaper.keep_sweeping(settings.reaper_interval_s)
     model_path = state.model_path or str(resolve_model(settings.model))
     engine: EditEngine | None = EditEngine(
         model_path,
@@ -116,7 +123,7 @@ def _setup_process() -> None:
         engine, engine_error = None, f"the worker could not load the model: {exc}"
     state.runner = EditRunner(
         engine,
-        JobStore(client, settings.job_ttl_s),
+        jobs,
         open_storage(settings),
         settings.max_side,
         max_batch=settings.max_batch,
@@ -136,4 +143,5 @@ def edit(self, job_id: str) -> dict | None:
         # Another live worker holds the job. Look again once its lease could have lapsed,
         # so a job whose worker died is never left behind.
         raise self.retry(countdown=outcome.seconds, max_retries=None)
-    return {k: str(v) for k, v in outcome.items()} if outcome else None
+    # None: a job this worker no longer held (taken over, or already ended elsewhere).
+    return {k: str(v) for k, v in outcome.items() if v is not None} if outcome else None

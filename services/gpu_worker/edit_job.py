@@ -4,19 +4,28 @@ Every way a job can end is decided here, so that no job is ever left `running`.
 
 A queue message names one job. The worker claims it, then also claims up to
 `max_batch - 1` other queued jobs with the same batch key (from the pending index the API
-keeps) and runs them together. Their own messages arrive later and find nothing to do. A
-claim is a lease renewed at every step: if the worker dies, the lease lapses and whichever
-message comes next for the job (redelivered, or deferred until then) runs it again.
+keeps) and runs them together. Their own messages arrive later and find nothing to do.
+
+A claim is a lease with an owner token, kept alive by a heartbeat thread while the worker
+holds the job. If the worker dies, the lease lapses and whichever message comes next for
+the job (redelivered, deferred until then, or sent again by the reaper) runs it again.
+Every later change the worker makes checks the token, so a worker that lost its claim
+can neither move the job nor publish outputs; outputs are written under the claim's own
+keys, so it never overwrites those of the worker that took over.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from services.common.images import ImageRejected, decode_image, to_model_input, to_png
@@ -34,7 +43,7 @@ from services.common.jobs import (
 )
 from services.common.logging import bind_request_id
 from services.common.storage import ObjectNotFound, Storage, StorageError
-from services.gpu_worker.engine import EditEngine, EditRequest
+from services.gpu_worker.engine import EditEngine, EditRequest, LeaveBatch, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +51,17 @@ CLAIMABLE = frozenset({JobStatus.queued, JobStatus.running})
 RUNNING = frozenset({JobStatus.running})
 
 
-class JobCanceled(Exception):
-    pass
+class JobCanceled(LeaveBatch):
+    """The API canceled the job: it leaves the batch at the next step."""
+
+
+class ClaimLost(LeaveBatch):
+    """Another worker took the job over (this one was presumed dead): leave it to them."""
+
+
+def owned_by(job: EditJob) -> Callable[[EditJob], bool]:
+    """A transition guard: the record still carries this claim's token."""
+    return lambda current: current.lease_owner == job.lease_owner
 
 
 @dataclass
@@ -109,9 +127,41 @@ class EditRunner:
             log.info("job %s is %s; not running it", job_id, held.status)
             return None
         self.jobs.remove_pending(job.batch_key, job.id)
-        with bind_request_id(job.request_id, job.id):
+        with bind_request_id(job.request_id, job.id), self._heartbeat([job]) as held:
             batch = [job, *self._gather(job)]
+            held.extend(batch[1:])
             return self.run(batch)
+
+    @contextlib.contextmanager
+    def _heartbeat(self, jobs: list[EditJob]) -> Iterator[list[EditJob]]:
+        """Renew the leases of the held jobs every third of a lease until the block ends:
+        loading, batching, decoding and writing outputs are covered, not only the steps.
+        Yields the list of held jobs, which the caller may extend."""
+        held = list(jobs)
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.lease.total_seconds() / 3):
+                for job in list(held):
+                    try:
+                        self.jobs.transition(
+                            job.id,
+                            RUNNING,
+                            when=owned_by(job),
+                            lease_expires_at=utcnow() + self.lease,
+                        )
+                    except (TransitionRefused, JobNotFound):
+                        held.remove(job)  # finished, canceled or taken over
+                    except redis.RedisError as exc:
+                        log.warning("could not renew the lease of job %s: %s", job.id, exc)
+
+        thread = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield held
+        finally:
+            stop.set()
+            thread.join()
 
     # -- claiming ----------------------------------------------------------------------
 
@@ -124,19 +174,22 @@ class EditRunner:
                 job.lease_expires_at is not None and job.lease_expires_at <= now
             )
 
-        total = self.jobs.get(job_id).params.num_inference_steps
+        current = self.jobs.get(job_id)
         job = self.jobs.transition(
             job_id,
             CLAIMABLE,
             when=free,
             status=JobStatus.running,
-            started_at=now,
+            # A takeover keeps the first start: the job's queue wait and duration are the
+            # user's, whichever worker finishes it.
+            started_at=current.started_at or now,
             lease_expires_at=now + self.lease,
-            progress=Progress(step=0, total=total),
+            lease_owner=secrets.token_hex(8),
+            progress=Progress(step=0, total=current.params.num_inference_steps),
             output_keys=[],
             error=None,
         )
-        if self.observer:
+        if self.observer and current.started_at is None:
             self.observer.job_started(job)
         return job
 
@@ -170,6 +223,7 @@ class EditRunner:
             status=JobStatus.running,
             started_at=now,
             lease_expires_at=now + self.lease,
+            lease_owner=secrets.token_hex(8),
             progress=Progress(step=0, total=total),
         )
         if self.observer:
@@ -178,8 +232,25 @@ class EditRunner:
 
     # -- running -----------------------------------------------------------------------
 
-    def run(self, batch: list[EditJob]) -> dict[str, JobStatus]:
-        results: dict[str, JobStatus] = {}
+    def run(self, batch: list[EditJob]) -> dict[str, JobStatus | None]:
+        """Run claimed jobs; every one of them ends here, whatever goes wrong."""
+        results: dict[str, JobStatus | None] = {}
+        try:
+            self._run_into(batch, results)
+        except Exception as exc:
+            # Anything unforeseen (a bug, a time limit outside the engine): fail what is
+            # still running rather than leave it `running` until its lease lapses.
+            if isinstance(exc, SoftTimeLimitExceeded):
+                code, message = "timeout", "the edit took longer than the time limit"
+            else:
+                log.exception("running batch %s failed", [job.id for job in batch])
+                code, message = "internal_error", f"{type(exc).__name__}: {exc}"
+            for job in batch:
+                if job.id not in results:
+                    results[job.id] = self._fail(job, code, message)
+        return results
+
+    def _run_into(self, batch: list[EditJob], results: dict[str, JobStatus | None]) -> None:
         groups: dict[str, list[_Loaded]] = {}
         for job in batch:
             try:
@@ -192,8 +263,7 @@ class EditRunner:
         # Jobs normally share one key; a worker with another MAX_SIDE than the API's
         # would see other sizes, so group by what the engine really gets.
         for group in groups.values():
-            results.update(self._run_group(group))
-        return results
+            self._run_group(group, results)
 
     def _load(self, job: EditJob) -> _Loaded:
         if self.engine is None:
@@ -220,74 +290,113 @@ class EditRunner:
                 self.jobs.transition(
                     job.id,
                     RUNNING,
+                    when=owned_by(job),
                     progress=Progress(step=step, total=total),
                     lease_expires_at=utcnow() + self.lease,
                 )
-            except TransitionRefused:
-                # The API marked the job canceled: it leaves the batch before the next step.
-                raise JobCanceled from None
+            except TransitionRefused as refused:
+                # It leaves the batch before the next step.
+                if refused.job.status == JobStatus.canceled:
+                    raise JobCanceled from None
+                raise ClaimLost from None  # another worker holds or finished it
 
         return on_step
 
-    def _run_group(self, group: list[_Loaded]) -> dict[str, JobStatus]:
+    def _run_group(self, group: list[_Loaded], results: dict[str, JobStatus | None]) -> None:
         started = time.perf_counter()
+        failure: tuple[str, str] | None = None
+        out_of_memory = False
         try:
             outcomes = self.engine.predict_batch([item.request for item in group])
         except SoftTimeLimitExceeded:
-            return self._fail_all(group, "timeout", "the edit took longer than the time limit")
+            failure = ("timeout", "the edit took longer than the time limit")
         except Exception as exc:
-            if _is_out_of_memory(exc):
-                _release_gpu_memory()
-                return self._fail_all(
-                    group,
+            if is_out_of_memory(exc):
+                out_of_memory = True
+                failure = (
                     "out_of_memory",
                     "the GPU ran out of memory; try a smaller image or fewer outputs",
                 )
-            log.exception("batch %s failed", [item.job.id for item in group])
-            return self._fail_all(group, "internal_error", f"{type(exc).__name__}: {exc}")
+            else:
+                log.exception("batch %s failed", [item.job.id for item in group])
+                failure = ("internal_error", f"{type(exc).__name__}: {exc}")
+        # Outside the except block: the traceback no longer pins the batch's tensors.
+        if out_of_memory:
+            _release_gpu_memory()
+            if len(group) > 1:
+                # The batch was too big, not necessarily any one job: run them one by one.
+                log.warning("batch of %d ran out of GPU memory; running its jobs alone", len(group))
+                for item in group:
+                    self._run_group([item], results)
+                return
+        if failure is not None:
+            for item in group:
+                results[item.job.id] = self._fail(item.job, *failure)
+            return
         engine_s = time.perf_counter() - started
-        results = {}
         for item, outcome in zip(group, outcomes, strict=True):
-            results[item.job.id] = self._finish(item.job, outcome, engine_s)
-        return results
-
-    def _finish(self, job: EditJob, outcome, engine_s: float) -> JobStatus | None:
-        with bind_request_id(job.request_id, job.id):
-            return self._record_outcome(job, outcome, engine_s)
+            with bind_request_id(item.job.request_id, item.job.id):
+                results[item.job.id] = self._record_outcome(item.job, outcome, engine_s)
 
     def _record_outcome(self, job: EditJob, outcome, engine_s: float) -> JobStatus | None:
         if isinstance(outcome, JobCanceled):
             log.info("job %s was canceled while running", job.id)
+            self._observe_canceled(job, engine_s)
             return JobStatus.canceled
+        if isinstance(outcome, ClaimLost):
+            log.warning("job %s was taken over by another worker; leaving it to them", job.id)
+            return None
         if isinstance(outcome, BaseException):
+            if is_out_of_memory(outcome):
+                return self._fail(
+                    job, "out_of_memory", "the GPU ran out of memory; try a smaller image"
+                )
             return self._fail(job, "internal_error", f"{type(outcome).__name__}: {outcome}")
+        keys: list[str] = []
         try:
-            keys = []
             for index, image in enumerate(outcome):
-                key = output_key(job.id, index)
-                self.storage.put(key, to_png(image), "image/png")
+                key = output_key(job.id, index, job.lease_owner or "unowned")
                 keys.append(key)
+                self.storage.put(key, to_png(image), "image/png")
         except StorageError as exc:
+            self._discard(keys)
             return self._fail(job, "storage_error", f"could not store the outputs: {exc}")
         try:
             done = self.jobs.transition(
                 job.id,
                 RUNNING,
+                when=owned_by(job),
                 status=JobStatus.succeeded,
                 output_keys=keys,
                 finished_at=utcnow(),
                 lease_expires_at=None,
             )
-        except TransitionRefused:
-            log.info("job %s was canceled as it finished", job.id)
-            return JobStatus.canceled
+        except (TransitionRefused, JobNotFound) as refused:
+            # Canceled as it finished, or taken over: these outputs belong to no job.
+            self._discard(keys)
+            if isinstance(refused, TransitionRefused) and refused.job.status == JobStatus.canceled:
+                log.info("job %s was canceled as it finished", job.id)
+                self._observe_canceled(job, engine_s)
+                return JobStatus.canceled
+            log.warning("job %s was taken over by another worker; dropped its outputs", job.id)
+            return None
         log.info("job %s succeeded (batch engine time %.2fs)", job.id, engine_s)
         if self.observer:
             self.observer.job_finished(done, engine_s)
         return JobStatus.succeeded
 
-    def _fail_all(self, group: list[_Loaded], code: str, message: str) -> dict[str, JobStatus]:
-        return {item.job.id: self._fail(item.job, code, message) for item in group}
+    def _discard(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                self.storage.delete(key)
+            except StorageError as exc:
+                log.warning("could not delete %s: %s", key, exc)
+
+    def _observe_canceled(self, job: EditJob, engine_s: float) -> None:
+        if not self.observer:
+            return
+        with contextlib.suppress(JobNotFound):
+            self.observer.job_finished(self.jobs.get(job.id), engine_s)
 
     def _fail(self, job: EditJob, code: str, message: str) -> JobStatus | None:
         with bind_request_id(job.request_id, job.id):
@@ -296,6 +405,7 @@ class EditRunner:
             failed = self.jobs.transition(
                 job.id,
                 RUNNING,
+                when=owned_by(job),
                 status=JobStatus.failed,
                 error=JobError(code=code, message=message),
                 finished_at=utcnow(),
@@ -306,12 +416,6 @@ class EditRunner:
         if self.observer:
             self.observer.job_finished(failed, 0.0)
         return JobStatus.failed
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def _release_gpu_memory() -> None:

@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[int, int], None]
 
 
+class LeaveBatch(Exception):
+    """Raised by a job's `on_step` to take that job out of the batch (a cancellation);
+    any other exception from `on_step` ends the whole batch."""
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     device: str = "auto"
@@ -45,7 +50,7 @@ class EngineOptions:
 @dataclass
 class EditRequest:
     """One job's share of a batch. `on_step(step, total)` runs after each denoising step;
-    an exception raised there (a cancellation) takes this job out of the batch."""
+    LeaveBatch raised there takes this job out of the batch."""
 
     image: Image.Image
     params: EditParams
@@ -179,7 +184,9 @@ class EditEngine:
     @torch.inference_mode()
     def predict_batch(self, requests: list[EditRequest]) -> list[list[Image.Image] | BaseException]:
         """Edit several compatible jobs together. Returns, per request, its images or the
-        exception its `on_step` raised (the job left the batch at that step)."""
+        exception that ended it alone: LeaveBatch from its `on_step`, or an error while
+        preparing or decoding it (e.g. its image ran out of memory). Errors in the shared
+        UNet steps end the whole batch and propagate."""
         if self.pipe is None:
             raise RuntimeError("EditEngine.setup() was not called")
         keys = {batch_key(r.image.size, r.params) for r in requests}
@@ -187,9 +194,16 @@ class EditEngine:
             raise ValueError(f"requests do not share one batch key: {sorted(keys)}")
         cfg = uses_guidance(requests[0].params)
         steps = requests[0].params.num_inference_steps
-        jobs = [self._prepare(r, cfg) for r in requests]
-        timesteps = jobs[0].scheduler.timesteps
-        active = list(jobs)
+        jobs: list[_Job | BaseException] = []
+        for request in requests:
+            try:
+                jobs.append(self._prepare(request, cfg))
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise  # a bug, not this job's problem: fail loudly
+                jobs.append(exc)
+        active = [job for job in jobs if isinstance(job, _Job)]
+        timesteps = active[0].scheduler.timesteps if active else []
         for i, t in enumerate(timesteps):
             noise = self._unet_step(active, t, cfg)
             offset = 0
@@ -205,14 +219,19 @@ class EditEngine:
                     if job.request.on_step is not None:
                         job.request.on_step(i + 1, steps)
                     still_active.append(job)
-                except Exception as exc:
+                except LeaveBatch as exc:
                     job.outcome = exc
             active = still_active
             if not active:
                 break
         for job in active:
-            job.outcome = self.decode(job.latents)
-        return [job.outcome for job in jobs]
+            try:
+                job.outcome = self.decode(job.latents)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                job.outcome = exc
+        return [job if isinstance(job, BaseException) else job.outcome for job in jobs]
 
     def _prepare(self, request: EditRequest, cfg: bool) -> _Job:
         pipe, params = self.pipe, request.params
@@ -310,6 +329,14 @@ class EditEngine:
             # The SD VAE decoder's activations can overflow fp16 into inf/NaN, which becomes
             # a black picture. Redo that decode in float32: slower, but always finite.
             log.warning("fp16 VAE decode overflowed; decoding again in float32")
-            pixels = vae.to(torch.float32).decode(scaled.float(), return_dict=False)[0]
-            vae.to(self.pipe.unet.dtype)
+            try:
+                pixels = vae.to(torch.float32).decode(scaled.float(), return_dict=False)[0]
+            finally:
+                # Also after a failure (float32 needs twice the memory): a VAE left in
+                # float32 would break every later job's fp16 encode.
+                vae.to(self.pipe.unet.dtype)
         return self.pipe.image_processor.postprocess(pixels, output_type="pil")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()

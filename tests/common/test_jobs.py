@@ -77,3 +77,37 @@ def test_racing_transitions_exactly_one_wins(store):
         results = _race(store, job.id, [JobStatus.running, JobStatus.canceled])
         assert len(results) == 1
         assert store.get(job.id).status == results[0]
+
+
+def test_unfinished_jobs_are_indexed_by_when_they_must_have_moved_on(redis_url):
+    from datetime import timedelta
+
+    store = JobStore(redis.Redis.from_url(redis_url), ttl_s=120, redeliver_after_s=30)
+    job = EditJob.new(EditParams(prompt="make it red"), "image/png")
+    store.create(job)
+    # Queued: due `redeliver_after_s` after it was accepted.
+    assert store.overdue(job.created_at + timedelta(seconds=29)) == []
+    assert store.overdue(job.created_at + timedelta(seconds=31)) == [job.id]
+    # Running: due when its lease lapses.
+    lease = utcnow() + timedelta(seconds=300)
+    store.transition(job.id, {JobStatus.queued}, status=JobStatus.running, lease_expires_at=lease)
+    assert store.overdue(lease - timedelta(seconds=1)) == []
+    assert store.overdue(lease + timedelta(seconds=1)) == [job.id]
+    store.postpone(job.id, lease + timedelta(seconds=60))
+    assert store.overdue(lease + timedelta(seconds=1)) == []
+    # Finished: out of the index, and postponing does not bring it back.
+    store.transition(job.id, {JobStatus.running}, status=JobStatus.succeeded)
+    far = lease + timedelta(days=1)
+    assert store.overdue(far) == []
+    store.postpone(job.id, lease)
+    assert store.overdue(far) == []
+
+
+def test_deleted_job_leaves_the_index(redis_url):
+    from datetime import timedelta
+
+    store = JobStore(redis.Redis.from_url(redis_url), ttl_s=120, redeliver_after_s=1)
+    job = EditJob.new(EditParams(prompt="make it red"), "image/png")
+    store.create(job)
+    store.delete(job.id)
+    assert store.overdue(utcnow() + timedelta(days=1)) == []

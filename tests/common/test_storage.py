@@ -111,3 +111,30 @@ def test_open_storage_from_urls(tmp_path, s3_endpoint, s3_bucket):
     assert raw.get_object(Bucket=s3_bucket, Key="pre/fix/k/v")["Body"].read() == b"1"
     with pytest.raises(ValueError, match="unsupported storage URL"):
         open_storage(Settings(storage_url="ftp://x"))
+
+
+def test_file_storage_failures_are_storage_errors(tmp_path):
+    # The root is a file, as good as a disk that refuses writes: callers get StorageError
+    # (they fail the job or answer 503), never a bare OSError.
+    blocker = tmp_path / "store"
+    blocker.write_bytes(b"not a directory")
+    storage = FileStorage(blocker)
+    with pytest.raises(StorageError, match="could not write"):
+        storage.put("edits/a/output_0.png", b"png")
+    with pytest.raises(StorageError, match="could not read"):
+        storage.get("edits/a/input")
+    with pytest.raises(ObjectNotFound):
+        FileStorage(tmp_path / "empty").get("edits/a/input")
+
+
+def test_s3_unreachable_endpoint_is_a_storage_error(aws_env):
+    # Nothing listens on this port: a connection error, not an S3 answer.
+    storage = S3Storage("bucket", endpoint_url=f"http://127.0.0.1:{free_port()}")
+    for call in (
+        lambda: storage.get("edits/a/input"),
+        lambda: storage.exists("edits/a/input"),
+        lambda: storage.put("edits/a/input", b"x"),
+        lambda: storage.list("edits/"),
+    ):
+        with pytest.raises(StorageError):
+            call()

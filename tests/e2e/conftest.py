@@ -50,6 +50,9 @@ def start_stack(tmp_path_factory, model_dir: str, redis_url: str, **extra: str):
         "device": "cpu",
         # Short leases: a job whose worker was killed is taken over within seconds.
         "job_lease_s": "3",
+        # A job whose queue message is lost is sent again within seconds.
+        "job_redeliver_after_s": "5",
+        "reaper_interval_s": "0.5",
         "worker_metrics_port": str(free_port()),
         **extra,
     }

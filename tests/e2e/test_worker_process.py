@@ -7,6 +7,8 @@ import signal
 import psutil
 import pytest
 
+from services.common.jobs import EditJob, EditParams, JobStore
+from services.common.storage import FileStorage
 from tests.conftest import image_bytes
 from tests.e2e.test_edit_flow import LONG, long_photo, submit
 from tests.stack import service_env, start_worker
@@ -63,3 +65,17 @@ def test_job_survives_its_worker_child_being_killed(stack):
         assert stack.wait_finished(later["id"])["status"] == "succeeded"
     new_children = psutil.Process(stack.worker.proc.pid).children()
     assert len(new_children) == 1 and new_children[0].pid != child.pid
+
+
+def test_an_accepted_job_whose_message_was_lost_still_runs(stack):
+    """The API accepted the job (record, input) but its queue message never reached the
+    broker: the workers' reaper sends it again once it is overdue."""
+    store = JobStore(stack.redis, ttl_s=600, redeliver_after_s=1)
+    storage = FileStorage(stack.settings["storage_url"].removeprefix("file://"))
+    data = image_bytes((64, 48))
+    job = EditJob.new(EditParams(prompt="make it red", num_inference_steps=2), "image/png")
+    storage.put(job.input_key, data, "image/png")
+    store.create(job)  # and no message
+    done = stack.wait_finished(job.id, timeout=60)
+    assert done["status"] == "succeeded", done
+    assert "sending it to the queue again" in stack.worker.log()

@@ -14,7 +14,7 @@ from PIL import Image
 
 from services.common.images import to_model_input
 from services.common.jobs import EditParams
-from services.gpu_worker.engine import EditRequest
+from services.gpu_worker.engine import EditRequest, LeaveBatch
 
 
 def photo(size, seed):
@@ -95,7 +95,7 @@ def test_canceled_job_leaves_the_batch_others_go_on(engine, requests_and_alone):
     images, alone = requests_and_alone
     seen = []
 
-    class Canceled(Exception):
+    class Canceled(LeaveBatch):
         pass
 
     def cancel_at_two(step, total):

@@ -1,15 +1,26 @@
 """The worker's job runner against a real Redis and file storage, with the tiny engine:
 claiming, gathering compatible jobs into one batch, leases and failures."""
 
+import contextlib
+import time
 from datetime import timedelta
 
 import pytest
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
+from PIL import Image
 
 from services.common.images import decode_image, model_input_size, upright_size
-from services.common.jobs import EditJob, EditParams, JobStatus, JobStore, utcnow
+from services.common.jobs import (
+    EditJob,
+    EditParams,
+    JobStatus,
+    JobStore,
+    TransitionRefused,
+    utcnow,
+)
 from services.common.storage import FileStorage
-from services.gpu_worker.edit_job import Deferred, EditRunner
+from services.gpu_worker.edit_job import ClaimLost, Deferred, EditRunner
 from tests.conftest import image_bytes
 
 
@@ -127,3 +138,124 @@ def test_progress_renews_the_lease(engine, jobs, storage):
     assert len(leases) == 1 + 3  # the claim, then every step
     assert leases == sorted(leases)
     assert all(lease > utcnow() + timedelta(seconds=8) for lease in leases)
+
+
+class SlowStorage:
+    """The real file storage, with a hook before each put (a slow or failing store)."""
+
+    def __init__(self, inner, before_put):
+        self.inner, self.before_put = inner, before_put
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        self.before_put(key)
+        self.inner.put(key, data, content_type)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def outputs_in(storage, job) -> list[str]:
+    return [k for k in storage.list(f"edits/{job.id}/") if not k.endswith("/input")]
+
+
+def test_heartbeat_keeps_the_lease_while_outputs_are_written(engine, jobs, storage):
+    job = submit(jobs, storage)
+    seen = []
+
+    def slow_put(key):
+        # Three lease lengths in the store: only a heartbeat keeps the claim alive.
+        for _ in range(6):
+            time.sleep(0.15)
+            seen.append(jobs.get(job.id).lease_expires_at > utcnow())
+
+    slow = SlowStorage(storage, slow_put)
+    assert runner(engine, jobs, slow, lease_s=0.3).handle(job.id) == {job.id: JobStatus.succeeded}
+    assert all(seen)
+
+
+def test_a_worker_that_lost_its_claim_publishes_nothing(engine, jobs, storage):
+    job = submit(jobs, storage)
+    stale_runner = runner(engine, jobs, storage)
+    stale = stale_runner._claim(job.id)  # worker A claims, then stalls past its lease
+    jobs.transition(job.id, {JobStatus.running}, lease_expires_at=utcnow() - timedelta(seconds=1))
+    assert runner(engine, jobs, storage).handle(job.id) == {job.id: JobStatus.succeeded}
+    done = jobs.get(job.id)
+    assert done.lease_owner != stale.lease_owner
+
+    # A wakes up: its progress, result and failure are all refused.
+    image = Image.new("RGB", (64, 48))
+    with pytest.raises(ClaimLost):
+        stale_runner._progress_reporter(stale)(1, 2)
+    assert stale_runner._record_outcome(stale, [image], 0.1) is None
+    assert stale_runner._fail(stale, "internal_error", "late") is None
+    after = jobs.get(job.id)
+    assert after.status == JobStatus.succeeded and after.output_keys == done.output_keys
+    # A's outputs went under its own claim's keys and were deleted; B's are intact.
+    assert outputs_in(storage, job) == done.output_keys
+
+
+def test_canceled_while_writing_outputs_leaves_no_files(engine, jobs, storage):
+    job = submit(jobs, storage, num_outputs=2)
+
+    def cancel_first(key):
+        with contextlib.suppress(TransitionRefused):  # as the API does
+            jobs.transition(
+                job.id, {JobStatus.queued, JobStatus.running}, status=JobStatus.canceled
+            )
+
+    results = runner(engine, jobs, SlowStorage(storage, cancel_first)).handle(job.id)
+    assert results == {job.id: JobStatus.canceled}
+    assert jobs.get(job.id).output_keys == []
+    assert outputs_in(storage, job) == []
+
+
+@pytest.mark.parametrize(
+    "error,code",
+    [(RuntimeError("a bug"), "internal_error"), (SoftTimeLimitExceeded(), "timeout")],
+)
+def test_unexpected_errors_end_every_job_of_the_batch(engine, jobs, storage, error, code):
+    submitted = [submit(jobs, storage, seed=i) for i in range(3)]
+
+    def explode(key):
+        raise error
+
+    results = runner(engine, jobs, SlowStorage(storage, explode), max_batch=8).handle(
+        submitted[0].id
+    )
+    assert results == {job.id: JobStatus.failed for job in submitted}
+    for job in submitted:
+        record = jobs.get(job.id)
+        assert record.status == JobStatus.failed and record.error.code == code
+        assert record.lease_expires_at is None
+
+
+def test_out_of_memory_batch_runs_its_jobs_alone(engine, jobs, storage):
+    submitted = [submit(jobs, storage, seed=i) for i in range(3)]
+    sizes = []
+
+    def small_gpu(module, args):
+        sizes.append(args[0].shape[0])
+        if args[0].shape[0] > 3:  # more than one job's three branches
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    hook = engine.pipe.unet.register_forward_pre_hook(small_gpu)
+    try:
+        results = runner(engine, jobs, storage, max_batch=8).handle(submitted[0].id)
+    finally:
+        hook.remove()
+    assert results == {job.id: JobStatus.succeeded for job in submitted}
+    assert sizes == [9, 3, 3, 3, 3, 3, 3]  # the batch failed, then each job alone
+
+
+def test_out_of_memory_for_a_single_job_fails_it_clearly(engine, jobs, storage):
+    job = submit(jobs, storage)
+
+    def no_memory(module, args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    hook = engine.pipe.unet.register_forward_pre_hook(no_memory)
+    try:
+        assert runner(engine, jobs, storage).handle(job.id) == {job.id: JobStatus.failed}
+    finally:
+        hook.remove()
+    assert jobs.get(job.id).error.code == "out_of_memory"

@@ -118,3 +118,28 @@ def test_non_finite_decode_is_redone_in_float32(engine, monkeypatch):
     assert len(calls) == 2
     pixels = np.asarray(images[0])
     assert pixels.std() > 0  # a real picture, not a constant black frame
+
+
+def test_failed_float32_redecode_leaves_the_vae_in_its_serving_dtype(tiny_model_dir):
+    """bfloat16 on CPU stands in for float16 on CUDA: a non-finite decode is redone in
+    float32; if that fails too (out of memory), the VAE must go back to its dtype, or every
+    later job's encode would fail on mismatched dtypes."""
+    from services.gpu_worker.engine import EditEngine, EngineOptions
+
+    engine = EditEngine(tiny_model_dir, EngineOptions(device="cpu"))
+    engine.setup()
+    engine.pipe.to(dtype=torch.bfloat16)
+
+    def no_memory_in_float32(module, args):
+        if args[0].dtype == torch.float32:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    hook = engine.pipe.vae.decoder.register_forward_pre_hook(no_memory_in_float32)
+    latents = torch.full((1, 4, 8, 8), float("nan"), dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.decode(latents)
+    hook.remove()
+    assert engine.pipe.vae.dtype == torch.bfloat16
+    params = EditParams(prompt="make it red", num_inference_steps=2, seed=1)
+    (image,) = engine.predict(product_photo(), params)  # the next job still works
+    assert image.size == (64, 48)

@@ -1,0 +1,77 @@
+"""Send overdue jobs to the queue again, so that no accepted job is lost with its message.
+
+A queue message can disappear while its job still needs running: the broker fails over,
+the API dies between accepting a job and publishing it, Celery acks a task that failed
+outside the runner. The job record stays, indexed by the time it must have moved on by
+(JobStore's active index). Every worker runs a reaper thread; a Redis lock lets one of
+them sweep per interval. Re-sending is safe because a job is claimed once: a duplicate
+message finds it running or finished and does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import redis
+
+from services.common.jobs import FINISHED, JobNotFound, JobStatus, JobStore, utcnow
+
+log = logging.getLogger(__name__)
+
+SendJob = Callable[[str], None]
+
+
+class JobReaper:
+    def __init__(self, jobs: JobStore, send: SendJob, redeliver_after_s: float) -> None:
+        self.jobs = jobs
+        self.send = send
+        self.grace = timedelta(seconds=redeliver_after_s)
+
+    def sweep(self, now: datetime | None = None) -> list[str]:
+        """Send every overdue job again; returns their ids."""
+        now = now or utcnow()
+        sent = []
+        for job_id in self.jobs.overdue(now):
+            try:
+                job = self.jobs.get(job_id)
+            except JobNotFound:  # the record expired
+                self.jobs.forget(job_id)
+                continue
+            if job.status in FINISHED:
+                self.jobs.forget(job_id)
+                continue
+            lapsed = job.lease_expires_at is not None and job.lease_expires_at <= now
+            if job.status == JobStatus.running and not lapsed:
+                continue  # its lease was renewed after the index was read
+            log.warning(
+                "job %s is %s and overdue; sending it to the queue again",
+                job_id,
+                "running under a lapsed lease" if lapsed else job.status.value,
+            )
+            self.send(job_id)
+            # Not again before a worker had time to pick this message up.
+            self.jobs.postpone(job_id, now + self.grace)
+            sent.append(job_id)
+        return sent
+
+    def keep_sweeping(self, interval_s: float) -> threading.Event:
+        """Sweep every `interval_s` in a daemon thread, one worker per interval (a lock in
+        Redis); set the returned event to stop."""
+        stop = threading.Event()
+        lock = f"{self.jobs.namespace}:reaper"
+
+        def loop() -> None:
+            while not stop.wait(interval_s):
+                try:
+                    if self.jobs.redis.set(lock, "1", nx=True, px=int(interval_s * 1000)):
+                        self.sweep()
+                except redis.RedisError as exc:  # Redis away: the next round tries again
+                    log.warning("job reaper could not sweep: %s", exc)
+                except Exception:
+                    log.exception("job reaper sweep failed")
+
+        threading.Thread(target=loop, name="job-reaper", daemon=True).start()
+        return stop
