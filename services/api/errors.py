@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
+import redis
+from botocore.exceptions import BotoCoreError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.common.storage import StorageError
+
+log = logging.getLogger(__name__)
 
 
 class ErrorBody(BaseModel):
@@ -31,6 +39,18 @@ def error_response(status_code: int, code: str, message: str, **headers: str) ->
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers or None)
 
 
+def job_store_unavailable() -> APIError:
+    return APIError(503, "job_store_unavailable", "job records cannot be reached; retry later")
+
+
+def storage_unavailable() -> APIError:
+    return APIError(503, "storage_unavailable", "image storage cannot be reached; retry later")
+
+
+def queue_unavailable() -> APIError:
+    return APIError(503, "queue_unavailable", "the job could not be queued; retry later")
+
+
 def _describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -52,7 +72,7 @@ def _validation_code(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status_code, exc.code, exc.message)
+        return _as_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -62,3 +82,26 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
+
+    # A dependency that is down is the client's cue to retry, not a bug: 503, and the
+    # cause in our log rather than in the response.
+    @app.exception_handler(redis.RedisError)
+    async def _redis_error(request: Request, exc: redis.RedisError) -> JSONResponse:
+        log.error("%s %s: Redis failed: %r", request.method, request.url.path, exc)
+        return _as_response(job_store_unavailable())
+
+    @app.exception_handler(StorageError)
+    @app.exception_handler(BotoCoreError)
+    async def _storage_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s: storage failed: %r", request.method, request.url.path, exc)
+        return _as_response(storage_unavailable())
+
+    # Anything else is a bug; its traceback goes to the server log, and the client still
+    # gets the documented JSON shape instead of Starlette's plain-text 500.
+    @app.exception_handler(Exception)
+    async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, "internal_error", "internal server error")
+
+
+def _as_response(exc: APIError) -> JSONResponse:
+    return error_response(exc.status_code, exc.code, exc.message)

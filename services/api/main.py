@@ -15,6 +15,7 @@ from services.api import metrics
 from services.api.errors import install_error_handlers
 from services.api.middleware import RequestContextMiddleware
 from services.api.routes import datasets, edits, health
+from services.api.uploads import UploadLimitMiddleware
 from services.common.celery_app import create_celery_app
 from services.common.datasets import RunStore
 from services.common.jobs import JobStore
@@ -72,11 +73,16 @@ def create_app(settings: Settings | None = None, *, warm_broker: bool = False) -
     app.state.settings = settings
     app.state.warm_broker = warm_broker
     app.state.redis = redis.Redis.from_url(settings.redis_url)
-    app.state.jobs = JobStore(app.state.redis, settings.job_ttl_s)
+    app.state.jobs = JobStore(
+        app.state.redis, settings.job_ttl_s, redeliver_after_s=settings.job_redeliver_after_s
+    )
     app.state.runs = RunStore(app.state.redis, settings.job_ttl_s)
     app.state.storage = open_storage(settings)
     app.state.celery = create_celery_app(settings)
     install_error_handlers(app)
+    # Added first, so it runs inside the request context: its 413s carry the request id
+    # and are counted and logged like every other response.
+    app.add_middleware(UploadLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestContextMiddleware)
     app.include_router(health.router)
     app.include_router(edits.router)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 ACCEPTED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+# Phones and cameras write multi-picture JPEGs (a depth map or a preview after the photo);
+# Pillow names them MPO. The first picture is an ordinary JPEG and the one that is shown.
+_FORMAT_ALIASES = {"MPO": "JPEG"}
 # Pillow refuses more than ~179 MP by default; a product photo never needs that much and
 # decoding it would cost the API gigabytes.
 MAX_PIXELS = 50_000_000
@@ -41,36 +44,37 @@ def decode_image(data: bytes) -> DecodedImage:
         raise ImageRejected("empty_image", "the image file is empty")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns from ~89 MP on; the check below is stricter and names the size.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            fmt = image.format
+            fmt = _FORMAT_ALIASES.get(image.format, image.format)
             if fmt not in ACCEPTED_FORMATS:
                 raise ImageRejected(
                     "unsupported_image_format",
                     f"image format {fmt} is not supported; send JPEG, PNG or WebP",
                 )
             if image.width * image.height > MAX_PIXELS:
-                raise ImageRejected(
-                    "image_too_large",
-                    f"image is {image.width}x{image.height}; at most {MAX_PIXELS} pixels",
-                )
+                raise _too_large(f"{image.width}x{image.height}")
             # load() decodes every pixel: a cut-off file fails here, not inside the worker.
             image.load()
     except ImageRejected:
         raise
+    except Image.DecompressionBombError:
+        # open() itself raises this past twice Pillow's limit, before we could see the size.
+        raise _too_large(f"over {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels") from None
     except UnidentifiedImageError:
         raise ImageRejected("not_an_image", "the uploaded file is not an image") from None
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(
             "corrupt_image", f"the image could not be decoded (truncated or corrupt): {exc}"
         ) from None
     return DecodedImage(image=image, format=fmt)
+
+
+def _too_large(size: str) -> ImageRejected:
+    return ImageRejected(
+        "image_too_large", f"image is {size}; at most {MAX_PIXELS} pixels are accepted"
+    )
 
 
 def model_input_size(width: int, height: int, max_side: int) -> tuple[int, int]:

@@ -6,6 +6,8 @@ import json
 import pytest
 import redis
 
+from services.common.jobs import JobStatus
+from tests.common.test_images import mpo_bytes, png_header
 from tests.conftest import image_bytes
 
 PNG = image_bytes()
@@ -59,12 +61,23 @@ def test_other_formats_accepted(client, fmt, ctype):
     assert submit(client, image=image_bytes(fmt=fmt), content_type=ctype).status_code == 202
 
 
+def test_multi_picture_jpeg_from_a_phone_is_accepted_as_jpeg(client):
+    response = submit(client, image=mpo_bytes(), filename="IMG_0001.JPG", content_type="image/jpeg")
+    assert response.status_code == 202, response.text
+    assert client.app.state.jobs.get(response.json()["id"]).input_content_type == "image/jpeg"
+
+
 BAD_REQUESTS = [
     ({"image": b"plain text, not a picture"}, 422, "not_an_image"),
     ({"image": image_bytes((256, 256))[:300]}, 422, "corrupt_image"),
     ({"image": image_bytes(fmt="GIF", mode="P")}, 415, "unsupported_image_format"),
     ({"image": b""}, 422, "empty_image"),
     ({"image": bytes(300_000)}, 413, "upload_too_large"),
+    # Over the image limit but within the form's allowance: the check after parsing.
+    ({"image": bytes(210_000)}, 413, "upload_too_large"),
+    ({"image": png_header(8000, 7000)}, 413, "image_too_large"),
+    ({"image": png_header(10000, 10000)}, 413, "image_too_large"),
+    ({"image": png_header(20000, 10000)}, 413, "image_too_large"),
     ({"image": None}, 422, "missing_image"),
     ({"prompt": ""}, 422, "missing_prompt"),  # an empty form field is an absent one
     ({"prompt": "   "}, 422, "invalid_prompt"),
@@ -117,7 +130,7 @@ def test_unknown_job_is_404(client, method, path):
     assert response.json()["error"]["code"] == "job_not_found"
 
 
-def test_cancel_queued_job_then_cancel_again_is_409(client, settings):
+def test_cancel_queued_job_then_cancel_again_returns_it_again(client, settings):
     job = submit(client).json()
     store = client.app.state.jobs
     key = store.get(job["id"]).batch_key
@@ -128,9 +141,20 @@ def test_cancel_queued_job_then_cancel_again_is_409(client, settings):
     assert canceled.json()["status"] == "canceled"
     assert canceled.json()["finished_at"] is not None
     assert store.pending(key, 10) == []  # no worker will look at it for a batch
+    # Canceling is idempotent: a retried cancel gets the canceled job, unchanged.
     again = client.post(f"/v1/edits/{job['id']}/cancel")
-    assert again.status_code == 409
-    assert again.json()["error"]["code"] == "job_finished"
+    assert again.status_code == 200, again.text
+    assert again.json() == canceled.json()
+
+
+@pytest.mark.parametrize("ended", [JobStatus.succeeded, JobStatus.failed])
+def test_cancel_of_a_job_that_ended_otherwise_is_409(client, ended):
+    job_id = submit(client).json()["id"]
+    client.app.state.jobs.transition(job_id, {JobStatus.queued}, status=ended)
+    response = client.post(f"/v1/edits/{job_id}/cancel")
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "job_finished"
+    assert client.app.state.jobs.get(job_id).status == ended
 
 
 def test_outputs_of_unfinished_job_are_409(client):

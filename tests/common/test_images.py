@@ -1,11 +1,35 @@
 import io
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from services.common.images import ImageRejected, decode_image, to_model_input
+from services.common.images import MAX_PIXELS, ImageRejected, decode_image, to_model_input
 from tests.conftest import image_bytes
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels: all a size check may read."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def mpo_bytes() -> bytes:
+    """A multi-picture JPEG as phones write it: the photo first, then a second picture."""
+    photo = Image.new("RGB", (64, 48), (255, 0, 0))
+    photo.putpixel((0, 0), (0, 255, 0))
+    second = Image.new("RGB", (32, 24), (0, 0, 255))
+    buf = io.BytesIO()
+    photo.save(buf, format="MPO", save_all=True, append_images=[second], quality=95)
+    return buf.getvalue()
 
 
 def _exif_rotated_jpeg() -> bytes:
@@ -112,3 +136,39 @@ def test_upright_size_predicts_model_input_size_without_decoding_twice():
         model_input_size(*upright_size(decoded.image), 512)
         == to_model_input(decoded.image, 512).size
     )
+
+
+def test_multi_picture_jpeg_is_accepted_as_its_first_picture():
+    data = mpo_bytes()
+    assert Image.open(io.BytesIO(data)).format == "MPO"  # what phones' files look like
+    decoded = decode_image(data)
+    assert decoded.content_type == "image/jpeg"
+    out = np.asarray(to_model_input(decoded.image, 512))
+    assert out.shape == (48, 64, 3)
+    assert out[24, 32, 0] > 200 and out[24, 32, 2] < 60  # the red photo, not the blue one
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        (8000, 7000),  # over our limit only
+        (10000, 10000),  # over Pillow's warning threshold too
+        (20000, 10000),  # over Pillow's hard limit, which open() itself raises
+    ],
+)
+def test_too_many_pixels_is_image_too_large_whatever_the_size(size):
+    data = png_header(*size)
+    assert size[0] * size[1] > MAX_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no decompression bomb warning leaks either
+        with pytest.raises(ImageRejected) as info:
+            decode_image(data)
+    assert info.value.code == "image_too_large"
+    assert str(MAX_PIXELS) in info.value.message
+
+
+def test_size_check_reads_the_declared_size():
+    # The header-only images above are rejected by size, not for lacking pixel data.
+    with pytest.raises(ImageRejected) as info:
+        decode_image(png_header(64, 48))
+    assert info.value.code == "corrupt_image"

@@ -3,29 +3,39 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Annotated
 
+import redis
+from botocore.exceptions import BotoCoreError
+from celery import Celery
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile, status
 from pydantic import ValidationError
 
 from services.api.deps import CeleryDep, JobStoreDep, SettingsDep, StorageDep
-from services.api.errors import APIError, ErrorResponse
+from services.api.errors import (
+    APIError,
+    ErrorResponse,
+    job_store_unavailable,
+    queue_unavailable,
+    storage_unavailable,
+)
 from services.api.metrics import JOBS_SUBMITTED
 from services.api.schemas import EditJobResponse
 from services.api.uploads import check_image, read_limited
 from services.common.images import model_input_size, upright_size
 from services.common.jobs import (
-    FINISHED,
     EditJob,
     EditParams,
     JobError,
     JobNotFound,
     JobStatus,
+    JobStore,
     TransitionRefused,
     utcnow,
 )
-from services.common.queues import EDIT_TASK, EDITS_QUEUE
-from services.common.storage import ObjectNotFound, StorageError
+from services.common.queues import enqueue_edit
+from services.common.storage import ObjectNotFound, Storage, StorageError
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/edits", tags=["edits"])
@@ -53,6 +63,71 @@ def _output_urls(job: EditJob, request: Request, storage: StorageDep, settings: 
 
 def _respond(job, request, storage, settings) -> EditJobResponse:
     return EditJobResponse.from_job(job, _output_urls(job, request, storage, settings))
+
+
+def _accept(job: EditJob, data: bytes, jobs: JobStore, storage: Storage, celery: Celery) -> EditJob:
+    """Store the input, record the job, index it as pending and queue it; the job as it
+    now stands.
+
+    A failing step undoes what the ones before it did, so that a client told 503 leaves
+    behind neither an input no job points at nor a job that may still run (unless Redis
+    fails for the undoing too).
+    """
+    try:
+        storage.put(job.input_key, data, job.input_content_type)
+    except (StorageError, BotoCoreError) as exc:
+        log.error("storing input of job %s failed: %r", job.id, exc)
+        raise storage_unavailable() from None
+    try:
+        jobs.create(job)
+    except redis.RedisError as exc:
+        log.error("recording job %s failed: %r", job.id, exc)
+        # A write that timed out may still have landed; the record must not outlive its input.
+        _quietly(f"deleting record of job {job.id}", jobs.delete, job.id)
+        _quietly(f"deleting input of job {job.id}", storage.delete, job.input_key)
+        raise job_store_unavailable() from None
+    try:
+        jobs.add_pending(job)
+        enqueue_edit(celery, job.id)
+    except Exception as exc:
+        log.error("enqueueing job %s failed: %r", job.id, exc)
+        return _fail_unqueued(job, jobs)
+    return job
+
+
+def _fail_unqueued(job: EditJob, jobs: JobStore) -> EditJob:
+    """End a job whose queueing failed, unless a worker got to it anyway.
+
+    Workers also gather queued jobs from the pending index, so the job may already be
+    running with another job's message: then it is accepted after all.
+    """
+    try:
+        failed = jobs.transition(
+            job.id,
+            {JobStatus.queued},
+            status=JobStatus.failed,
+            error=JobError(code="enqueue_failed", message="the job could not be queued"),
+            finished_at=utcnow(),
+        )
+    except TransitionRefused as refused:
+        log.info("job %s was taken by a worker although queueing it failed", job.id)
+        return refused.job
+    except (JobNotFound, redis.RedisError) as exc:
+        # Redis is gone too, so nothing more can be undone from here.
+        log.error("marking unqueued job %s failed did not work: %r", job.id, exc)
+        raise queue_unavailable() from None
+    _quietly(
+        f"removing pending entry of job {job.id}", jobs.remove_pending, failed.batch_key, job.id
+    )
+    raise queue_unavailable()
+
+
+def _quietly(what: str, fn: Callable[..., object], *args: object) -> None:
+    """Best-effort cleanup on a path that already failed: its own failure is only logged."""
+    try:
+        fn(*args)
+    except Exception as exc:
+        log.error("%s failed: %r", what, exc)
 
 
 @router.post(
@@ -102,31 +177,7 @@ def submit_edit(
 
     size = model_input_size(*upright_size(decoded.image), settings.max_side)
     job = EditJob.new(params, decoded.content_type, request.state.request_id, size)
-    try:
-        storage.put(job.input_key, data, decoded.content_type)
-    except StorageError as exc:
-        log.error("storing input of job %s failed: %s", job.id, exc)
-        raise APIError(
-            503, "storage_unavailable", "the image could not be stored; retry later"
-        ) from None
-    jobs.create(job)
-    jobs.add_pending(job)
-    try:
-        # Only the id travels through the broker; the worker reads everything else.
-        celery.send_task(EDIT_TASK, args=[job.id], queue=EDITS_QUEUE, task_id=job.id)
-    except Exception as exc:
-        log.error("enqueueing job %s failed: %s", job.id, exc)
-        jobs.transition(
-            job.id,
-            {JobStatus.queued},
-            status=JobStatus.failed,
-            error=JobError(code="enqueue_failed", message="the job could not be queued"),
-            finished_at=utcnow(),
-        )
-        raise APIError(
-            503, "queue_unavailable", "the job could not be queued; retry later"
-        ) from None
-
+    job = _accept(job, data, jobs, storage, celery)
     JOBS_SUBMITTED.inc()
     response.headers["Location"] = f"/v1/edits/{job.id}"
     return _respond(job, request, storage, settings)
@@ -177,10 +228,13 @@ def cancel_edit(
             finished_at=utcnow(),
         )
     except TransitionRefused as refused:
-        assert refused.job.status in FINISHED
-        raise APIError(
-            409, "job_finished", f"job {job_id} already ended as {refused.job.status}"
-        ) from None
+        if refused.job.status != JobStatus.canceled:
+            raise APIError(
+                409, "job_finished", f"job {job_id} already ended as {refused.job.status}"
+            ) from None
+        # Canceling twice is not an error (a retried request, two clients): the job is
+        # in the state asked for.
+        job = refused.job
     except JobNotFound:
         raise APIError(404, "job_not_found", f"no edit job with id {job_id!r}") from None
     jobs.remove_pending(job.batch_key, job.id)
