@@ -161,7 +161,7 @@ class EditRunner:
             yield held
         finally:
             stop.set()
-            thread.join()
+            thread.join(timeout=5)  # a beat stuck on a dead Redis must not hold the task
 
     # -- claiming ----------------------------------------------------------------------
 
