@@ -5,18 +5,21 @@ kept pairs' PNGs followed by a row manifest (JSON); the manifest is written last
 presence means the row is complete. Re-running a row that has a manifest is skipped:
 restarting workers or resubmitting a run never generates anything twice and loses
 nothing already made.
+
+The export needs no model: it copies the stored PNG bytes into the Parquet shards as they
+are (decoding and re-encoding every picture was most of its time), reading rows ahead in
+a few threads (an object store is slow one GET at a time).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-
-from PIL import Image
 
 from services.common.datasets import (
     DatasetSpec,
@@ -29,6 +32,15 @@ from services.common.storage import Storage
 from services.datagen.pair_params import ImagePair, PairSampling, pair_params_for_row
 
 log = logging.getLogger(__name__)
+
+# Export read-ahead: rows read concurrently, and rows read ahead of the writer at most
+# (bounds the memory: a row's pictures are a few MB at 512 px).
+EXPORT_READERS = 8
+EXPORT_READ_AHEAD = 32
+
+# on_row(index): called by the export after each row it wrote; an exception raised in it
+# (a cancellation) stops the export, which then writes nothing.
+RowCallback = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -67,17 +79,35 @@ def caption_row(spec: DatasetSpec, index: int):
     return _synthesized(spec.num_rows, spec.seed)[index]
 
 
+def model_name(spec: DatasetSpec, default_model: str) -> str:
+    """The text-to-image model a run uses: its own, or the server's default."""
+    return spec.model or default_model
+
+
 class DatasetBuilder:
-    def __init__(self, run_id: str, spec: DatasetSpec, storage: Storage, generator, clip=None):
-        """`generator`: a set-up PairGenerator; `clip`: a set-up ClipFilter when
-        `spec.filter` is on."""
-        if spec.filter and clip is None:
+    def __init__(
+        self,
+        run_id: str,
+        spec: DatasetSpec,
+        storage: Storage,
+        generator=None,
+        clip=None,
+        *,
+        model: str | None = None,
+    ):
+        """`generator`: a set-up PairGenerator, needed to make rows (not to export them);
+        `clip`: a set-up ClipFilter when `spec.filter` is on and rows are made; `model`:
+        the model's name for the dataset card (default: the generator's)."""
+        if generator is not None and spec.filter and clip is None:
             raise ValueError("the spec asks for filtering but no CLIP filter was given")
+        if generator is None and model is None:
+            raise ValueError("give the generator, or at least the model's name")
         self.run_id = run_id
         self.spec = spec
         self.storage = storage
         self.generator = generator
         self.clip = clip
+        self.model = model if model is not None else generator.config.model
         self.sampling = PairSampling(
             pairs_per_row=spec.pairs_per_row,
             p_range=spec.p_range,
@@ -89,9 +119,18 @@ class DatasetBuilder:
         if self.storage.exists(key):
             manifest = json.loads(self.storage.get(key))
             return RowOutcome(index, manifest["generated"], len(manifest["pairs"]), True)
+        if self.generator is None:
+            raise RuntimeError("this DatasetBuilder has no generator: it can only export")
         row = caption_row(self.spec, index)
         params = pair_params_for_row(self.spec.seed, index, self.sampling)
-        pairs = self.generator.generate_row(row, params)
+        # Steps and size per call: the worker's one loaded pipeline serves every run.
+        pairs = self.generator.generate_row(
+            row,
+            params,
+            num_inference_steps=self.spec.num_inference_steps,
+            height=self.spec.resolution,
+            width=self.spec.resolution,
+        )
         kept = pairs
         if self.spec.filter:
             result = self.clip.filter_row(pairs)
@@ -114,39 +153,72 @@ class DatasetBuilder:
         self.storage.put(key, json.dumps(manifest).encode(), "application/json")
         return RowOutcome(index, len(pairs), len(kept), False)
 
-    def stored_pairs(self) -> Iterator[ImagePair]:
-        for index in range(self.spec.total_rows):
-            manifest = json.loads(self.storage.get(row_key(self.run_id, index)))
-            for entry in manifest["pairs"]:
-                images = {
-                    name: Image.open(io.BytesIO(self.storage.get(key)))
-                    for name, key in entry["images"].items()
-                }
-                fields = {k: v for k, v in entry.items() if k != "images"}
-                yield ImagePair(
-                    **fields, input_image=images["input"], edited_image=images["edited"]
-                )
+    def _stored_row(self, index: int) -> list[ImagePair]:
+        """A stored row's kept pairs, their pictures as the stored PNG bytes."""
+        manifest = json.loads(self.storage.get(row_key(self.run_id, index)))
+        pairs = []
+        for entry in manifest["pairs"]:
+            images = {name: self.storage.get(key) for name, key in entry["images"].items()}
+            fields = {k: v for k, v in entry.items() if k != "images"}
+            pairs.append(
+                ImagePair(**fields, input_image=images["input"], edited_image=images["edited"])
+            )
+        return pairs
 
-    def export(self):
-        from services.datagen.dataset_export import export_dataset
+    def stored_rows(self) -> Iterator[tuple[int, list[ImagePair]]]:
+        """(row index, its kept pairs) of every row, in order, read ahead in threads."""
+        rows = iter(range(self.spec.total_rows))
+        with ThreadPoolExecutor(EXPORT_READERS, thread_name_prefix="export-read") as pool:
+            pending: deque = deque()
+
+            def read_ahead() -> None:
+                while len(pending) < EXPORT_READ_AHEAD:
+                    index = next(rows, None)
+                    if index is None:
+                        return
+                    pending.append((index, pool.submit(self._stored_row, index)))
+
+            read_ahead()
+            try:
+                while pending:
+                    index, future = pending.popleft()
+                    pairs = future.result()
+                    read_ahead()
+                    yield index, pairs
+            finally:
+                # Stopped early (an error, a cancel): drop the reads not started yet.
+                for _, future in pending:
+                    future.cancel()
+
+    def stored_pairs(self) -> Iterator[ImagePair]:
+        for _, pairs in self.stored_rows():
+            yield from pairs
+
+    def export(self, on_row: RowCallback | None = None):
+        """Write the stored rows as the run's dataset (``dataset_export``)."""
+        from services.datagen.dataset_export import DatasetWriter
 
         generation = {
             "rows": self.spec.total_rows,
             "pairs_per_row": self.spec.pairs_per_row,
-            "model": self.generator.config.model,
+            "model": self.model,
             "num_inference_steps": self.spec.num_inference_steps,
             "p_range": list(self.spec.p_range),
             "text_guidance_range": list(self.spec.text_guidance_range),
             "filter": self.spec.filter,
             "seed": self.spec.seed,
         }
-        return export_dataset(
-            self.stored_pairs(),
+        with DatasetWriter(
             self.storage,
             export_prefix(self.run_id),
             with_scores=self.spec.filter,
             generation=generation,
-        )
+        ) as writer:
+            for index, pairs in self.stored_rows():
+                writer.add_many(pairs)
+                if on_row is not None:
+                    on_row(index)
+        return writer.summary
 
 
 def _metadata(pair: ImagePair) -> dict:
@@ -169,17 +241,13 @@ def _metadata(pair: ImagePair) -> dict:
 
 
 def generator_for(spec: DatasetSpec, default_model: str, device: str):
-    """The process-wide pair generator for a spec's model, steps and size."""
+    """The process-wide pair generator for a spec's model (steps and size are passed per
+    row, so runs that differ only in those share it)."""
     from services.datagen.pair_pipeline import PairGeneratorConfig, get_pair_generator
 
-    config = PairGeneratorConfig(
-        model=spec.model or default_model,
-        device=device,
-        num_inference_steps=spec.num_inference_steps,
-        height=spec.resolution,
-        width=spec.resolution,
+    return get_pair_generator(
+        PairGeneratorConfig(model=model_name(spec, default_model), device=device)
     )
-    return get_pair_generator(config)
 
 
 def clip_filter_for(spec: DatasetSpec, device: str):

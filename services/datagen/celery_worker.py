@@ -4,25 +4,46 @@
         --pool prefork --concurrency 1
 
 A run is split into chunks of rows, one task each (short tasks: a restarted worker loses
-at most a chunk's unfinished row, and several workers share a run). The chunk that
-completes a run enqueues its export. Models load once per pool process, on first use.
+at most a chunk's unfinished row, and several workers share a run); the chunk that
+completes a run enqueues its export. What the tasks do is ``run_tasks``; this module gives
+them their own time limits, retries for Redis or storage outages, and a failure record:
+any exception a task ends with, and a hard time limit, mark the run failed with the error,
+so no run stays ``running`` with nothing working on it. Models load once per pool process,
+on first use. On a warm shutdown (SIGTERM) chunks stop after the row in progress and hand
+their remaining rows back to the queue.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from functools import cache
 
 import redis
-from celery import signals
+from billiard.exceptions import TimeLimitExceeded
+from celery import Task, signals
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.utils.serialization import UnpickleableExceptionWrapper
 
 from services.common.celery_app import create_celery_app
-from services.common.datasets import RUN_FINISHED, RunError, RunStatus, RunStore, chunk_ranges
-from services.common.jobs import utcnow
+from services.common.datasets import RunStore
 from services.common.logging import configure_celery_logging
 from services.common.queues import DATAGEN_CHUNK_TASK, DATAGEN_EXPORT_TASK, DATAGEN_QUEUE
 from services.common.settings import get_settings
 from services.common.storage import open_storage
-from services.datagen.builder import DatasetBuilder, clip_filter_for, generator_for
+from services.datagen.run_tasks import (
+    CHUNK_SOFT_TIME_LIMIT_S,
+    CHUNK_TIME_LIMIT_S,
+    EXPORT_SOFT_TIME_LIMIT_S,
+    EXPORT_TIME_LIMIT_S,
+    TRANSIENT_RETRIES,
+    RunContext,
+    RunFailed,
+    export_run,
+    fail_run,
+    generate_chunk,
+    is_transient,
+)
 
 log = logging.getLogger("instructedit.datagen")
 
@@ -33,6 +54,44 @@ app.conf.task_routes = {
     DATAGEN_CHUNK_TASK: {"queue": DATAGEN_QUEUE},
     DATAGEN_EXPORT_TASK: {"queue": DATAGEN_QUEUE},
 }
+# With acks_late over Redis an unacked message is redelivered after the visibility
+# timeout, by whichever consumer looks first. Datagen keeps its unacked messages under its
+# own keys with a timeout above its chunk task's hard limit, so neither the edit workers'
+# shorter timeout nor a change of the edit limits redelivers a chunk that is still running.
+# (A long export does outlast it: its lease turns the redelivered copy away.)
+DATAGEN_VISIBILITY_TIMEOUT_S = max(
+    2 * CHUNK_TIME_LIMIT_S,
+    app.conf.broker_transport_options.get("visibility_timeout", 0),
+)
+app.conf.broker_transport_options = {
+    **app.conf.broker_transport_options,
+    "visibility_timeout": DATAGEN_VISIBILITY_TIMEOUT_S,
+    "unacked_key": "unacked_datagen",
+    "unacked_index_key": "unacked_datagen_index",
+    "unacked_mutex_key": "unacked_datagen_mutex",
+}
+
+# Set in the main process when the worker starts shutting down; the pool processes,
+# forked after this module was imported, share it and stop between rows.
+_draining = multiprocessing.Event()
+
+
+@signals.worker_shutting_down.connect
+def _drain(**_) -> None:
+    _draining.set()
+
+
+@signals.worker_process_init.connect
+def _import_models(**_) -> None:
+    # torch, diffusers and transformers load before any task: a time limit that struck
+    # inside an import would leave a half-imported module, and every later task of the
+    # process would fail on it.
+    from diffusers import StableDiffusionPipeline  # noqa: F401
+    from diffusers.utils.torch_utils import randn_tensor  # noqa: F401
+    from transformers import AutoProcessor, CLIPModel  # noqa: F401
+
+    import services.datagen.clip_filter
+    import services.datagen.pair_pipeline  # noqa: F401
 
 
 @signals.setup_logging.connect
@@ -40,75 +99,123 @@ def _json_logs(**kwargs) -> None:
     configure_celery_logging(service="datagen", **kwargs)
 
 
+@cache
 def _runs() -> RunStore:
     return RunStore(redis.Redis.from_url(settings.redis_url), settings.job_ttl_s)
 
 
-def _fail(runs: RunStore, run_id: str, code: str, message: str) -> None:
-    log.error("dataset run %s failed: %s: %s", run_id, code, message)
-    runs.update(
-        run_id,
-        status=RunStatus.failed,
-        error=RunError(code=code, message=message),
-        finished_at=utcnow(),
+@cache
+def _context() -> RunContext:
+    return RunContext(
+        runs=_runs(),
+        storage=open_storage(settings),
+        default_model=settings.datagen_model,
+        device=settings.device,
+        send=lambda name, args, kwargs: app.send_task(
+            name, args=args, kwargs=kwargs, queue=DATAGEN_QUEUE
+        ),
+        draining=_draining.is_set,
     )
 
 
-def _builder(run) -> DatasetBuilder:
-    generator = generator_for(run.spec, settings.datagen_model, settings.device)
-    clip = clip_filter_for(run.spec, settings.device)
-    return DatasetBuilder(run.id, run.spec, open_storage(settings), generator, clip)
+def _failure(task_name: str, exc: BaseException, args) -> tuple[str, str]:
+    """The error code and message a task's exception leaves on its run."""
+    what = (
+        f"rows {args[1]}-{args[2]}"
+        if task_name == DATAGEN_CHUNK_TASK and len(args) >= 3
+        else "the export"
+    )
+    if isinstance(exc, UnpickleableExceptionWrapper):
+        # How Celery hands over an exception it could not pickle: name and text survive.
+        code = "export_failed" if task_name == DATAGEN_EXPORT_TASK else "worker_error"
+        return code, f"{what}: {exc.exc_cls_name}: {exc.text}"
+    if isinstance(exc, RunFailed):
+        return exc.code, exc.message
+    if isinstance(exc, TimeLimitExceeded):
+        limit = exc.args[0] if exc.args else "?"
+        return "time_limit_exceeded", f"{what}: the hard time limit ({limit} s) was exceeded"
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return "time_limit_exceeded", f"{what}: the soft time limit was exceeded"
+    code = "export_failed" if task_name == DATAGEN_EXPORT_TASK else "worker_error"
+    return code, f"{what}: {type(exc).__name__}: {exc}"
 
 
-@app.task(name=DATAGEN_CHUNK_TASK, acks_late=True, reject_on_worker_lost=True)
-def generate_rows(run_id: str, start: int, stop: int) -> int:
-    runs = _runs()
-    run = runs.get(run_id)
-    if run is None or run.status in RUN_FINISHED:
-        return 0
-    if run.status == RunStatus.queued:
-        run = runs.update(run_id, status=RunStatus.running, started_at=utcnow())
-    try:
-        builder = _builder(run)
-    except Exception as exc:
-        _fail(runs, run_id, "model_unavailable", f"{type(exc).__name__}: {exc}")
-        return 0
-    done = 0
-    for index in range(start, stop):
-        current = runs.get(run_id)
-        if current is None or current.status in RUN_FINISHED:
-            log.info("dataset run %s is %s; stopping", run_id, current and current.status)
-            return done
+class DatagenTask(Task):
+    """Records every way a datagen task can end badly on its run. ``on_failure`` runs in
+    the pool process for exceptions and in the main process for a hard time limit (the pool
+    process was killed), where nothing else would notice."""
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        run_id = args[0] if args else kwargs.get("run_id")
+        if run_id is None:
+            return
+        code, message = _failure(self.name, exc, args)
         try:
-            outcome = builder.process_row(index)
-        except Exception as exc:
-            log.exception("row %d of dataset run %s failed", index, run_id)
-            _fail(runs, run_id, "generation_failed", f"row {index}: {type(exc).__name__}: {exc}")
-            return done
-        runs.row_done(run_id, index, outcome.generated, outcome.kept)
-        done += 1
-    if runs.chunk_done(run_id, start) == len(chunk_ranges(run.spec.total_rows)):
-        app.send_task(DATAGEN_EXPORT_TASK, args=[run_id], queue=DATAGEN_QUEUE)
-    return done
+            fail_run(_runs(), run_id, kwargs.get("generation"), code, message)
+        except Exception:
+            # Redis itself is out: a later post of the run's spec resumes it once it is
+            # stale (STALE_RUN_AFTER_S).
+            log.exception("could not record the failure of dataset run %s", run_id)
 
 
-@app.task(name=DATAGEN_EXPORT_TASK, acks_late=True, reject_on_worker_lost=True)
-def export_run(run_id: str) -> None:
-    runs = _runs()
-    run = runs.get(run_id)
-    if run is None or run.status in RUN_FINISHED:
-        return
-    runs.update(run_id, status=RunStatus.exporting)
-    try:
-        summary = _builder(run).export()
-    except Exception as exc:
-        log.exception("export of dataset run %s failed", run_id)
-        _fail(runs, run_id, "export_failed", f"{type(exc).__name__}: {exc}")
-        return
-    runs.update(
-        run_id,
-        status=RunStatus.succeeded,
-        export_prefix=summary.card_key.rsplit("/", 1)[0],
-        export_files=[*summary.shard_keys, summary.card_key],
-        finished_at=utcnow(),
+def _retry(task: Task, exc: Exception) -> Exception:
+    """The exception to end a task with after a transient error: a Retry (the task runs
+    again later, rows already stored are skipped) or, when retries are used up, the
+    run's failure."""
+    retries = task.request.retries
+    if retries >= TRANSIENT_RETRIES:
+        return RunFailed(
+            "service_unavailable",
+            f"{type(exc).__name__}: {exc} (still failing after {retries} retries)",
+        )
+    log.warning(
+        "%s: %s: %s; retry %d of %d",
+        task.name,
+        type(exc).__name__,
+        exc,
+        retries + 1,
+        TRANSIENT_RETRIES,
     )
+    return task.retry(exc=exc, countdown=min(2**retries, 60), throw=False)
+
+
+@app.task(
+    bind=True,
+    base=DatagenTask,
+    name=DATAGEN_CHUNK_TASK,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=CHUNK_SOFT_TIME_LIMIT_S,
+    time_limit=CHUNK_TIME_LIMIT_S,
+    max_retries=TRANSIENT_RETRIES,
+)
+def generate_rows(
+    self, run_id: str, start: int, stop: int, generation: int | None = None, stalls: int = 0
+) -> int:
+    # The message's own limits (timelimit = (hard, soft)) when it has them, else the task's.
+    soft_limit = (self.request.timelimit or (None, None))[1] or self.soft_time_limit
+    try:
+        return generate_chunk(_context(), run_id, start, stop, generation, stalls, soft_limit)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise _retry(self, exc) from exc
+
+
+@app.task(
+    bind=True,
+    base=DatagenTask,
+    name=DATAGEN_EXPORT_TASK,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=EXPORT_SOFT_TIME_LIMIT_S,
+    time_limit=EXPORT_TIME_LIMIT_S,
+    max_retries=TRANSIENT_RETRIES,
+)
+def export_dataset_run(self, run_id: str, generation: int | None = None) -> bool:
+    try:
+        return export_run(_context(), run_id, generation)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise _retry(self, exc) from exc

@@ -161,8 +161,9 @@ class ImagePair:
     # branch's attention maps, of ``denoising_steps``.
     injected_steps: int
     denoising_steps: int
-    input_image: Image.Image
-    edited_image: Image.Image
+    # PIL images as generated; PNG bytes when read back from storage for the export.
+    input_image: Image.Image | bytes
+    edited_image: Image.Image | bytes
     # CLIP filter scores (``clip_filter.SCORE_NAMES``), when the filter ran.
     scores: Mapping[str, float] | None = field(default=None)
 

@@ -8,7 +8,12 @@ up to ``max_pairs_per_batch`` pairs of a row go through the UNet in one call per
 
     generator = PairGenerator(PairGeneratorConfig(model="path/or/hub-id"))
     generator.setup()                      # load once per worker process
-    pairs = generator.generate_row(row, pair_params_for_row(run_seed, row.index))
+    params = pair_params_for_row(run_seed, row.index)
+    pairs = generator.generate_row(row, params)
+    pairs = generator.generate_row(row, params, num_inference_steps=20, height=256, width=256)
+
+Steps and image size are the config's defaults and can be given per call: one loaded
+pipeline serves runs that differ only in those (``get_pair_generator``).
 
 Each branch has its own scheduler instance and its own CPU generator seeded with the pair
 seed, so each branch is stepped exactly as ``StableDiffusionPipeline`` would step it
@@ -19,11 +24,11 @@ ones draw the same noise in both branches).
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
@@ -51,6 +56,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DECODE_BATCH = 8
+DEFAULT_STEPS = 50
 
 # on_step(done, total): after every denoising step of a generate_row call. An exception
 # raised in it (a cancellation) stops the generation at once and propagates.
@@ -69,7 +75,7 @@ class PairGeneratorConfig:
     # Hub id or local directory of a Stable Diffusion 1.x-compatible text-to-image pipeline.
     model: str = DEFAULT_DATAGEN_MODEL
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_inference_steps: int = 50
+    num_inference_steps: int = DEFAULT_STEPS
     # Image size; None = the model's native size (512 for SD 1.x). Multiples of 8.
     height: int | None = None
     width: int | None = None
@@ -98,6 +104,15 @@ class PairGeneratorConfig:
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
                 raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Render:
+    """What one generate call renders: steps and image size."""
+
+    num_inference_steps: int
+    height: int
+    width: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +152,11 @@ def _accepts(function: Callable, parameter: str) -> bool:
     return parameter in inspect.signature(function).parameters
 
 
+def _dtype_for(device: torch.device) -> torch.dtype:
+    # fp16 on GPUs (half the memory, tensor cores); CPUs have no fast fp16.
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 class PairGenerator:
     """Loads a Stable Diffusion 1.x pipeline once (``setup``) and turns caption pairs into
     image pairs (``generate``, ``generate_row``)."""
@@ -161,8 +181,7 @@ class PairGenerator:
 
         diffusers_logging.disable_progress_bar()
         device = resolve_device(self.config.device)
-        # fp16 on GPUs (half the memory, tensor cores); CPUs have no fast fp16.
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        dtype = _dtype_for(device)
         pipe = self._given_pipeline
         if pipe is None:
             pipe = load_text_to_image_pipeline(self.config.model, dtype)
@@ -204,6 +223,23 @@ class PairGenerator:
     def device(self) -> torch.device:
         return self._require_pipe().device
 
+    def _render(
+        self, num_inference_steps: int | None, height: int | None, width: int | None
+    ) -> _Render:
+        """Per-call steps and size, the config's (and the model's native size) by default."""
+        info = self.info
+        if info is None:
+            raise RuntimeError("PairGenerator.setup() was not called")
+        steps = num_inference_steps
+        if steps is None:
+            steps = self.config.num_inference_steps
+        if steps < 1:
+            raise ValueError("num_inference_steps must be >= 1")
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (value < 8 or value % 8):
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+        return _Render(steps, height or info.height, width or info.width)
+
     # -- generation ----------------------------------------------------------------------
 
     def generate(self, row: EditRow, params: PairParams) -> ImagePair:
@@ -215,12 +251,18 @@ class PairGenerator:
         row: EditRow,
         params: Sequence[PairParams],
         on_step: StepCallback | None = None,
+        *,
+        num_inference_steps: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> list[ImagePair]:
-        """The image pairs of ``row``, one per ``params`` entry, in that order."""
+        """The image pairs of ``row``, one per ``params`` entry, in that order. Steps and
+        size: the config's unless given."""
         self._require_pipe()
+        render = self._render(num_inference_steps, height, width)
         size = self.config.max_pairs_per_batch
         chunks = [params[start : start + size] for start in range(0, len(params), size)]
-        steps = self.denoising_steps
+        steps = self.count_denoising_steps(render.num_inference_steps)
         total = steps * len(chunks)
         pairs: list[ImagePair] = []
         for number, chunk in enumerate(chunks):
@@ -229,14 +271,21 @@ class PairGenerator:
                 if on_step is not None:
                     on_step(offset + done, total)
 
-            latents = self.denoise(row, chunk, on_step=chunk_step)
+            latents = self.denoise(
+                row,
+                chunk,
+                on_step=chunk_step,
+                num_inference_steps=render.num_inference_steps,
+                height=render.height,
+                width=render.width,
+            )
             images = self.decode(latents.flatten(0, 1))
             for index, pair_params in enumerate(chunk):
                 pairs.append(
                     ImagePair.from_row(
                         row,
                         pair_params,
-                        num_inference_steps=self.config.num_inference_steps,
+                        num_inference_steps=render.num_inference_steps,
                         injected_steps=injected_step_count(pair_params.p, steps),
                         denoising_steps=steps,
                         input_image=images[2 * index],
@@ -247,9 +296,13 @@ class PairGenerator:
 
     @property
     def denoising_steps(self) -> int:
+        """UNet evaluations per image at the config's steps."""
+        return self.count_denoising_steps()
+
+    def count_denoising_steps(self, num_inference_steps: int | None = None) -> int:
         """UNet evaluations per image (PNDM takes one more than num_inference_steps)."""
         scheduler = self._new_scheduler()
-        scheduler.set_timesteps(self.config.num_inference_steps)
+        scheduler.set_timesteps(num_inference_steps or self.config.num_inference_steps)
         return len(scheduler.timesteps)
 
     def _new_scheduler(self):
@@ -279,16 +332,20 @@ class PairGenerator:
         row: EditRow,
         params: Sequence[PairParams],
         on_step: StepCallback | None = None,
+        *,
+        num_inference_steps: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> torch.Tensor:
         """Latents of ``params``' pairs, shape (pairs, 2 = input/output, C, h, w)."""
         pipe = self._require_pipe()
         if not params:
             raise ValueError("no pair parameters given")
         config = self.config
+        render = self._render(num_inference_steps, height, width)
         device = pipe.device
         pairs = len(params)
-        info = self.info
-        height, width = info.height, info.width
+        height, width = render.height, render.width
 
         # Text: [input caption, output caption] and their unconditional embeddings, laid out
         # as the controller expects: [uncond (in, out) x P, text (in, out) x P].
@@ -315,7 +372,7 @@ class PairGenerator:
         for pair_params in params:
             for _branch in range(2):
                 scheduler = self._new_scheduler()
-                scheduler.set_timesteps(config.num_inference_steps, device=device)
+                scheduler.set_timesteps(render.num_inference_steps, device=device)
                 generator = torch.Generator(device="cpu").manual_seed(pair_params.seed)
                 noise = randn_tensor(shape, generator=generator, device=device, dtype=text.dtype)
                 schedulers.append(scheduler)
@@ -383,10 +440,39 @@ class PairGenerator:
         return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
-@cache
+# The process's loaded generator and the key it was loaded for (see get_pair_generator).
+_loaded: tuple[tuple, PairGenerator] | None = None
+
+
 def get_pair_generator(config: PairGeneratorConfig) -> PairGenerator:
-    """The process-wide generator for ``config``, set up on first use (one model load per
-    worker process)."""
-    generator = PairGenerator(config)
+    """The process-wide generator for ``config``'s model on its device and dtype (and its
+    scheduler, layers and other fixed options), set up on first use.
+
+    Steps and image size are not part of what is loaded: the returned generator has the
+    defaults' steps and native size, and callers pass theirs per call (``generate_row(...,
+    num_inference_steps=, height=, width=)``), so runs that differ only in those share one
+    pipeline. Only one generator is kept: asking for another model releases the loaded one
+    first, so a worker never holds two UNets.
+    """
+    global _loaded
+    device = resolve_device(config.device)
+    shared = replace(
+        config,
+        device=str(device),
+        num_inference_steps=DEFAULT_STEPS,
+        height=None,
+        width=None,
+    )
+    key = (shared, str(_dtype_for(device)))
+    if _loaded is not None and _loaded[0] == key:
+        return _loaded[1]
+    if _loaded is not None:
+        log.info("releasing pair generator %s for %s", _loaded[1].info, shared.model)
+        _loaded = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    generator = PairGenerator(shared)
     generator.setup()
+    _loaded = (key, generator)
     return generator

@@ -9,10 +9,14 @@ output caption still changes what the image shows:
 * **self-attention** (every ``attn1`` layer by default): InstructPix2Pix's dataset
   generation, "unlike the original Prompt-to-Prompt which uses cross-attention layers,
   we copy attention maps for self-attention layers";
-* **cross-attention** (optional, off by default): Hertz et al.'s word swap / refinement.
-  The output branch takes the input branch's map for every token the two captions share
-  (aligned with a longest-matching-blocks diff of the token ids, plus the start token and
-  the end/padding tokens); tokens only the output caption has keep their own maps.
+* **cross-attention** (optional, off by default): Hertz et al.'s word swap and
+  refinement, by token alignment (a diff of the two captions' token ids). Tokens the two
+  captions share, and the start and end/padding tokens, take the input branch's map of
+  their counterpart (refinement). Where the output caption replaces a run of tokens by a
+  run of the same length ("red" -> "blue"), each new token takes the map of the token it
+  replaces (word swap: the new word is drawn where the old one was). Inserted tokens, and
+  replacements of another length, keep their own maps (refinement's rule for new words;
+  the paper's averaging over differently tokenized words is not done).
 
 Batch layout, for P pairs denoised together (index = guidance * 2P + 2 * pair + branch)::
 
@@ -96,21 +100,29 @@ class InjectionLayers:
 
 @dataclass(frozen=True, slots=True)
 class TokenMap:
-    """For each output-caption token position: the input-caption position it shares
-    (``source``) and whether it has one (``shared``)."""
+    """For each output-caption token position: the input-caption position whose
+    cross-attention map it takes (``source``) and whether it takes one (``shared``; False:
+    it keeps its own map)."""
 
     source: tuple[int, ...]
     shared: tuple[bool, ...]
 
 
 def shared_token_map(
-    input_ids: Sequence[int], output_ids: Sequence[int], end_token_id: int
+    input_ids: Sequence[int],
+    output_ids: Sequence[int],
+    end_token_id: int,
+    *,
+    word_swap: bool = True,
 ) -> TokenMap:
     """Align two padded token id sequences (start token, text, end token, padding).
 
     The start token maps to the start token; text tokens in blocks the two texts share
-    (difflib's matching blocks) map to their counterpart; the end token and the padding
-    after it map to the input's end token and padding, position by position.
+    (difflib's opcodes) map to their counterpart; with ``word_swap``, tokens of a replaced
+    block as long as the block it replaces map position by position to the replaced
+    tokens; the end token and the padding after it map to the input's end token and
+    padding, position by position. Everything else (insertions, replacements of another
+    length) maps to nothing.
     """
     if len(input_ids) != len(output_ids):
         raise ValueError("both token sequences must be padded to the same length")
@@ -127,10 +139,13 @@ def shared_token_map(
     shared = [False] * length
     shared[0] = True
     matcher = SequenceMatcher(None, input_ids[1:end_in], output_ids[1:end_out], autojunk=False)
-    for block in matcher.get_matching_blocks():
-        for offset in range(block.size):
-            source[1 + block.b + offset] = 1 + block.a + offset
-            shared[1 + block.b + offset] = True
+    for tag, in_start, in_stop, out_start, out_stop in matcher.get_opcodes():
+        swapped = tag == "replace" and word_swap and in_stop - in_start == out_stop - out_start
+        if tag != "equal" and not swapped:
+            continue
+        for offset in range(out_stop - out_start):
+            source[1 + out_start + offset] = 1 + in_start + offset
+            shared[1 + out_start + offset] = True
     for position in range(end_out, length):
         counterpart = end_in + (position - end_out)
         if counterpart < length:
@@ -413,7 +428,7 @@ class PromptToPromptProcessor:
         mask: torch.Tensor,
     ) -> torch.Tensor:
         """Attention with materialised probabilities; the output branch's are replaced
-        (whole maps for self-attention, shared tokens' columns for cross-attention)."""
+        (whole maps for self-attention, the token map's columns for cross-attention)."""
         # SDPA's default scale, so both paths compute the same attention.
         scores = query.float() @ key.float().transpose(-1, -2) * query.shape[-1] ** -0.5
         if attention_mask is not None:

@@ -309,3 +309,82 @@ def test_missing_models_are_reported_with_a_hint(tmp_path):
         load_text_to_image_pipeline(str(tmp_path / "nope"), torch.float32)
     with pytest.raises(ModelUnavailable, match=r"no model_index\.json"):
         load_text_to_image_pipeline(str(tmp_path), torch.float32)
+
+
+def test_a_same_length_word_swap_takes_the_replaced_word_s_cross_attention(
+    recording_generator,
+):
+    # Hertz et al.'s word swap: "red" -> "tan" tokenize to runs of the same length, so the
+    # new word's tokens attend with the maps of the old word's tokens, like every other
+    # token: during injected steps the output branch's cross-attention maps are all the
+    # input branch's.
+    row = dataclasses.replace(
+        ROW, input_caption="a red ceramic mug", output_caption="a tan ceramic mug"
+    )
+    generator = recording_generator
+    tokenizer = generator.pipe.tokenizer
+
+    def ids(text):
+        return tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
+
+    token_map = shared_token_map(
+        ids(row.input_caption), ids(row.output_caption), tokenizer.eos_token_id
+    )
+    assert token_map.source == tuple(range(77)) and all(token_map.shared)
+    generator.denoise(row, [PairParams(0, seed=13, p=1.0, text_guidance=9.0)])
+    cross = [r for r in generator.controller.records if r.is_cross]
+    assert cross
+    before, after = ids(row.input_caption), ids(row.output_caption)
+    swapped = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+    assert swapped  # "red" and "tan" differ
+    own_differed = False
+    for record in cross:
+        maps = record.maps[:, 0]  # (guidance half, branch, heads, queries, keys)
+        assert torch.equal(maps[:, 1], maps[:, 0]), (record.layer, record.step)
+        own = record.own_output_maps[:, 0]
+        own_differed |= not torch.allclose(own[..., swapped], maps[:, 0][..., swapped])
+    # Without the swap the new word would have attended with its own, different maps.
+    assert own_differed
+
+
+def test_one_loaded_pipeline_serves_every_step_count_and_size(tiny_sd_dir, pair_generator):
+    """Runs that differ only in steps or size must not load another UNet each."""
+    import gc
+    import weakref
+
+    from services.common.datasets import DatasetSpec
+    from services.datagen.builder import generator_for
+    from services.datagen.pair_pipeline import get_pair_generator
+
+    first = get_pair_generator(generator_config(tiny_sd_dir, num_inference_steps=2))
+    second = get_pair_generator(
+        generator_config(tiny_sd_dir, num_inference_steps=7, height=64, width=64)
+    )
+    assert first is second
+    specs = [
+        DatasetSpec(num_rows=1, num_inference_steps=steps, resolution=size)
+        for steps, size in ((2, 64), (30, None), (50, 128))
+    ]
+    assert all(generator_for(spec, str(tiny_sd_dir), "cpu") is first for spec in specs)
+
+    # Steps and size given per call make what a generator configured with them makes.
+    params = [PairParams(0, seed=8, p=0.5, text_guidance=9.0)]
+    pairs = first.generate_row(ROW, params, num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    expected = pair_generator.generate_row(ROW, params)
+    assert pairs[0].num_inference_steps == STEPS
+    assert pairs[0].denoising_steps == expected[0].denoising_steps
+    assert pairs[0].input_image.size == (SIZE, SIZE)
+    assert max_difference(pairs[0].input_image, expected[0].input_image) <= 1
+    assert max_difference(pairs[0].edited_image, expected[0].edited_image) <= 1
+    bigger = first.generate_row(ROW, params, num_inference_steps=2, height=48, width=40)
+    assert bigger[0].input_image.size == (40, 48) and bigger[0].num_inference_steps == 2
+
+    # Another model (here: other injected layers) replaces the loaded one: one at a time.
+    loaded = weakref.ref(first)
+    del first, second
+    other = get_pair_generator(
+        generator_config(tiny_sd_dir, cross_attention_layers=ALL_CROSS_ATTENTION)
+    )
+    gc.collect()
+    assert loaded() is None
+    assert other.config.cross_attention_layers == ALL_CROSS_ATTENTION

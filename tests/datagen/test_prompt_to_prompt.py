@@ -38,10 +38,11 @@ def test_injected_step_count_rejects_p_outside_0_1(p):
 
 
 def test_shared_token_map_aligns_shared_tokens_start_end_and_padding():
-    # input "1 2 3", output "1 9 3 4": 1 and 3 are shared, 9 and 4 are new.
+    # input "1 2 3", output "1 9 3 4": 1 and 3 are shared, 9 and 4 are new (refinement
+    # only: no word swap).
     input_ids = [S, 1, 2, 3, E, E, E, E]
     output_ids = [S, 1, 9, 3, 4, E, E, E]
-    token_map = shared_token_map(input_ids, output_ids, E)
+    token_map = shared_token_map(input_ids, output_ids, E, word_swap=False)
     assert token_map.shared == (True, True, False, True, False, True, True, True)
     shared_sources = [s for s, ok in zip(token_map.source, token_map.shared, strict=True) if ok]
     # start -> start, 1 -> 1, 3 -> 3, end token and padding from the input's end token on.
@@ -51,6 +52,24 @@ def test_shared_token_map_aligns_shared_tokens_start_end_and_padding():
     assert same.source == tuple(range(8)) and all(same.shared)
     with pytest.raises(ValueError, match="same length"):
         shared_token_map(input_ids, output_ids[:-1], E)
+
+
+def test_word_swap_gives_a_new_word_the_replaced_word_s_map():
+    # Hertz et al.'s word swap: "1 2 3" -> "1 9 3" ("red" -> "blue"), 9 takes 2's map.
+    input_ids = [S, 1, 2, 3, E, E, E, E]
+    swapped = shared_token_map(input_ids, [S, 1, 9, 3, E, E, E, E], E)
+    assert swapped.source == tuple(range(8)) and all(swapped.shared)
+    # A two-token word swapped for a two-token word: position by position.
+    two = shared_token_map([S, 1, 2, 5, 3, E, E, E], [S, 1, 8, 9, 3, E, E, E], E)
+    assert two.source[:5] == (0, 1, 2, 3, 4) and all(two.shared)
+    # "1 2 3" -> "1 9 3 4": the swap as above; the inserted 4 keeps its own map
+    # (refinement), and so does a replacement of another length.
+    mixed = shared_token_map(input_ids, [S, 1, 9, 3, 4, E, E, E], E)
+    assert mixed.shared == (True, True, True, True, False, True, True, True)
+    assert mixed.source[2] == 2
+    longer = shared_token_map(input_ids, [S, 1, 8, 9, 3, E, E, E], E)
+    assert longer.shared[:5] == (True, True, False, False, True)
+    assert longer.source[4] == 3
 
 
 def test_shared_token_map_with_a_longer_input_drops_tail_positions_past_the_end():

@@ -348,6 +348,30 @@ def test_gpu_worker_reserves_an_nvidia_gpu_and_scales():
     assert any(v == f"gpu-locks:{lock_dir}" for v in gpu["volumes"])
 
 
+def test_datagen_claims_its_own_gpu_like_the_edit_workers():
+    """Not `count: 1` (always GPU 0, beside gpu_worker replica 0): every GPU reserved and
+    one claimed through the same lock volume, so edit and datagen replicas never pick the
+    same GPU while a free one is left."""
+    services = _services()
+    gpu, datagen = services["gpu_worker"], services["datagen"]
+    devices = datagen["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert [d.get("count") for d in devices] == ["all"]
+    lock_dir = _env(gpu)["INSTRUCTEDIT_GPU_LOCK_DIR"]
+    assert _env(datagen)["INSTRUCTEDIT_GPU_LOCK_DIR"] == lock_dir
+    assert f"gpu-locks:{lock_dir}" in datagen["volumes"]
+    assert datagen["deploy"]["replicas"] == "${DATAGEN_WORKERS:-1}"
+    assert "gpu-locks" in _compose()["volumes"]
+
+
+def test_datagen_stop_grace_period_lets_a_row_finish():
+    """A chunk stops after its row in progress on SIGTERM; that row may take minutes."""
+    services = _services()
+    datagen = _duration_s(services["datagen"]["stop_grace_period"])
+    assert datagen >= 5 * 60
+    assert datagen > _duration_s(services["gpu_worker"]["stop_grace_period"])
+
+
 def test_worker_healthchecks_ping_their_own_node_with_a_long_start_period():
     services = _services()
     for name in ("gpu_worker", "cpu_worker", "datagen", "cpu_datagen"):

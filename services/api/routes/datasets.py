@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from fastapi import APIRouter, Response, status
@@ -9,11 +10,13 @@ from fastapi import APIRouter, Response, status
 from services.api.deps import CeleryDep, RunStoreDep
 from services.api.errors import APIError, ErrorResponse
 from services.common.datasets import (
-    RUN_FINISHED,
+    RUN_ACTIVE,
     DatasetRun,
     DatasetSpec,
+    RunError,
+    RunNotFound,
     RunStatus,
-    chunk_ranges,
+    RunTransitionRefused,
 )
 from services.common.jobs import utcnow
 from services.common.queues import DATAGEN_CHUNK_TASK, DATAGEN_QUEUE
@@ -24,10 +27,14 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 _ERRORS = {code: {"model": ErrorResponse} for code in (404, 409, 422, 503)}
 
 
+def _not_found(run_id: str) -> APIError:
+    return APIError(404, "run_not_found", f"no dataset run with id {run_id!r}")
+
+
 def _load(runs: RunStoreDep, run_id: str) -> DatasetRun:
     run = runs.get(run_id)
     if run is None:
-        raise APIError(404, "run_not_found", f"no dataset run with id {run_id!r}")
+        raise _not_found(run_id)
     return run
 
 
@@ -41,18 +48,33 @@ def _load(runs: RunStoreDep, run_id: str) -> DatasetRun:
 def create_run(
     spec: DatasetSpec, response: Response, runs: RunStoreDep, celery: CeleryDep
 ) -> DatasetRun:
+    # New, failed, canceled and stale runs (running, but no worker has reported for
+    # STALE_RUN_AFTER_S) are (re)queued as a new generation; any other run is returned.
     run, enqueue = runs.create_or_resume(spec)
     if enqueue:
         try:
-            # One task per chunk of rows: short tasks survive worker restarts cheaply, and
-            # several datagen workers share a run.
-            for start, stop in chunk_ranges(spec.total_rows):
+            # One task per chunk of rows still to make: short tasks survive worker
+            # restarts cheaply, and several datagen workers share a run. Tasks of an
+            # earlier generation still queued exit without work.
+            for start, stop in runs.chunks_to_enqueue(run):
                 celery.send_task(
-                    DATAGEN_CHUNK_TASK, args=[run.id, start, stop], queue=DATAGEN_QUEUE
+                    DATAGEN_CHUNK_TASK,
+                    args=[run.id, start, stop],
+                    kwargs={"generation": run.generation},
+                    queue=DATAGEN_QUEUE,
                 )
         except Exception as exc:
             log.error("enqueueing dataset run %s failed: %s", run.id, exc)
-            runs.update(run.id, status=RunStatus.failed, finished_at=utcnow())
+            # Unless a cancel or another post changed it meanwhile.
+            with contextlib.suppress(RunNotFound, RunTransitionRefused):
+                runs.transition(
+                    run.id,
+                    {RunStatus.queued},
+                    when=lambda current: current.generation == run.generation,
+                    status=RunStatus.failed,
+                    error=RunError(code="queue_unavailable", message="the run could not be queued"),
+                    finished_at=utcnow(),
+                )
             raise APIError(503, "queue_unavailable", "the run could not be queued") from None
     response.headers["Location"] = f"/v1/datasets/{run.id}"
     return run
@@ -67,8 +89,15 @@ def get_run(run_id: str, runs: RunStoreDep) -> DatasetRun:
     "/{run_id}/cancel", response_model=DatasetRun, responses=_ERRORS, summary="Cancel a run"
 )
 def cancel_run(run_id: str, runs: RunStoreDep) -> DatasetRun:
-    run = _load(runs, run_id)
-    if run.status in RUN_FINISHED:
-        raise APIError(409, "run_finished", f"run {run_id} already ended as {run.status}")
-    # Workers check the status before each row; stored rows stay for a later resume.
-    return runs.update(run_id, status=RunStatus.canceled, finished_at=utcnow())
+    # Compare-and-set: a worker starting, finishing or exporting the run at the same time
+    # can neither lose the cancel nor overwrite it. Workers check the status before each
+    # row and the export before it publishes; stored rows stay for a later resume.
+    try:
+        runs.transition(run_id, RUN_ACTIVE, status=RunStatus.canceled, finished_at=utcnow())
+    except RunNotFound:
+        raise _not_found(run_id) from None
+    except RunTransitionRefused as refused:
+        raise APIError(
+            409, "run_finished", f"run {run_id} already ended as {refused.run.status}"
+        ) from None
+    return _load(runs, run_id)
