@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from collections.abc import Callable
 from functools import cache
+from typing import TypeVar
 
 import redis
 from billiard.exceptions import TimeLimitExceeded
@@ -44,6 +46,8 @@ from services.datagen.run_tasks import (
     generate_chunk,
     is_transient,
 )
+
+T = TypeVar("T")
 
 log = logging.getLogger("instructedit.datagen")
 
@@ -145,6 +149,20 @@ class DatagenTask(Task):
     the pool process for exceptions and in the main process for a hard time limit (the pool
     process was killed), where nothing else would notice."""
 
+    # Long GPU work: acknowledged once done, back on the queue if its process dies.
+    acks_late = True
+    reject_on_worker_lost = True
+    max_retries = TRANSIENT_RETRIES
+
+    def run_retrying(self, work: Callable[[], T]) -> T:
+        """Run `work`; a transient error (Redis, storage) retries the task later."""
+        try:
+            return work()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            raise _retry(self, exc) from exc
+
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         run_id = args[0] if args else kwargs.get("run_id")
         if run_id is None:
@@ -183,39 +201,25 @@ def _retry(task: Task, exc: Exception) -> Exception:
     bind=True,
     base=DatagenTask,
     name=DATAGEN_CHUNK_TASK,
-    acks_late=True,
-    reject_on_worker_lost=True,
     soft_time_limit=CHUNK_SOFT_TIME_LIMIT_S,
     time_limit=CHUNK_TIME_LIMIT_S,
-    max_retries=TRANSIENT_RETRIES,
 )
 def generate_rows(
     self, run_id: str, start: int, stop: int, generation: int | None = None, stalls: int = 0
 ) -> int:
     # The message's own limits (timelimit = (hard, soft)) when it has them, else the task's.
     soft_limit = (self.request.timelimit or (None, None))[1] or self.soft_time_limit
-    try:
-        return generate_chunk(_context(), run_id, start, stop, generation, stalls, soft_limit)
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        raise _retry(self, exc) from exc
+    return self.run_retrying(
+        lambda: generate_chunk(_context(), run_id, start, stop, generation, stalls, soft_limit)
+    )
 
 
 @app.task(
     bind=True,
     base=DatagenTask,
     name=DATAGEN_EXPORT_TASK,
-    acks_late=True,
-    reject_on_worker_lost=True,
     soft_time_limit=EXPORT_SOFT_TIME_LIMIT_S,
     time_limit=EXPORT_TIME_LIMIT_S,
-    max_retries=TRANSIENT_RETRIES,
 )
 def export_dataset_run(self, run_id: str, generation: int | None = None) -> bool:
-    try:
-        return export_run(_context(), run_id, generation)
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        raise _retry(self, exc) from exc
+    return self.run_retrying(lambda: export_run(_context(), run_id, generation))
