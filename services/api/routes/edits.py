@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Annotated
 
 import redis
-from botocore.exceptions import BotoCoreError
 from celery import Celery
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile, status
 from pydantic import ValidationError
@@ -18,7 +17,6 @@ from services.api.errors import (
     ErrorResponse,
     job_store_unavailable,
     queue_unavailable,
-    storage_unavailable,
 )
 from services.api.metrics import JOBS_SUBMITTED
 from services.api.schemas import EditJobResponse
@@ -35,7 +33,7 @@ from services.common.jobs import (
     utcnow,
 )
 from services.common.queues import enqueue_edit
-from services.common.storage import ObjectNotFound, Storage, StorageError
+from services.common.storage import ObjectNotFound, Storage
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/edits", tags=["edits"])
@@ -73,11 +71,8 @@ def _accept(job: EditJob, data: bytes, jobs: JobStore, storage: Storage, celery:
     behind neither an input no job points at nor a job that may still run (unless Redis
     fails for the undoing too).
     """
-    try:
-        storage.put(job.input_key, data, job.input_content_type)
-    except (StorageError, BotoCoreError) as exc:
-        log.error("storing input of job %s failed: %r", job.id, exc)
-        raise storage_unavailable() from None
+    # Nothing to undo yet if this fails: the StorageError handler answers 503.
+    storage.put(job.input_key, data, job.input_content_type)
     try:
         jobs.create(job)
     except redis.RedisError as exc:
