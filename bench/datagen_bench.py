@@ -51,15 +51,14 @@ def bench_text(args: argparse.Namespace) -> None:
 
 def build_full_size_pipeline(device: str):
     """Stable Diffusion 1.5's architecture with random weights (bench/full_size.py)."""
-    import torch
     from diffusers import StableDiffusionPipeline
 
     from bench.full_size import full_size_components
-    from services.datagen.pair_pipeline import resolve_device
+    from services.common.diffusion import resolve_device, serving_dtype
     from services.datagen.tiny_sd import build_scheduler
 
     target = resolve_device(device)
-    dtype = torch.float16 if target.type == "cuda" else torch.float32
+    dtype = serving_dtype(target)
     pipe = StableDiffusionPipeline(
         **full_size_components(4, target),
         scheduler=build_scheduler("pndm"),

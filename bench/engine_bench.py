@@ -29,7 +29,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.common.jobs import EditParams  # noqa: E402
+from services.common.edit_params import EditParams  # noqa: E402
 from services.common.tiny_components import build_euler_ancestral_scheduler  # noqa: E402
 from services.gpu_worker.engine import EditEngine, EditRequest, EngineOptions  # noqa: E402
 
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     )
     parser.add_argument(
         "--compile-mode",
-        default=EngineOptions.compile_mode,
+        default=EngineOptions.model_fields["compile_mode"].default,
         choices=["default", "reduce-overhead", "max-autotune"],
         help="torch.compile mode when compiling (default: the engine's)",
     )

@@ -11,16 +11,19 @@ PORT=${PORT:-8000}
 export INSTRUCTEDIT_REDIS_URL=${INSTRUCTEDIT_REDIS_URL:-redis://127.0.0.1:6379/0}
 export INSTRUCTEDIT_STORAGE_URL=${INSTRUCTEDIT_STORAGE_URL:-file://$PWD/var/storage}
 
-if [[ "${MODEL:-}" == "tiny" ]]; then
-  if [[ ! -f var/models/tiny/model_index.json ]]; then
-    echo "generating the tiny offline model in var/models/tiny ..."
-    "$BIN/python" -m services.gpu_worker.tiny_model var/models/tiny
+# MODEL=tiny / MODEL=tiny-sdxl: a tiny random SD 1.5 / SDXL InstructPix2Pix, generated once.
+if [[ "${MODEL:-}" == "tiny" || "${MODEL:-}" == "tiny-sdxl" ]]; then
+  family=sd15
+  [[ "$MODEL" == "tiny-sdxl" ]] && family=sdxl
+  if [[ ! -f var/models/$MODEL/model_index.json ]]; then
+    echo "generating the tiny offline $family model in var/models/$MODEL ..."
+    "$BIN/python" -m services.gpu_worker.tiny_model "var/models/$MODEL" --family "$family"
   fi
   if [[ ! -f var/models/tiny-sd/model_index.json ]]; then
     echo "generating the tiny offline text-to-image model in var/models/tiny-sd ..."
     "$BIN/python" -m services.datagen.tiny_sd var/models/tiny-sd
   fi
-  export INSTRUCTEDIT_MODEL=$PWD/var/models/tiny
+  export INSTRUCTEDIT_MODEL=$PWD/var/models/$MODEL
   export INSTRUCTEDIT_DATAGEN_MODEL=$PWD/var/models/tiny-sd
 elif [[ -n "${MODEL:-}" ]]; then
   export INSTRUCTEDIT_MODEL=$MODEL

@@ -80,6 +80,14 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(write_tiny_instruct_pix2pix(tmp_path_factory.mktemp("models") / "tiny", seed=0))
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> str:
+    from services.gpu_worker.tiny_model import write_tiny_sdxl_instruct_pix2pix
+
+    directory = tmp_path_factory.mktemp("models") / "tiny-sdxl"
+    return str(write_tiny_sdxl_instruct_pix2pix(directory, seed=0))
+
+
 def image_bytes(size=(64, 48), mode="RGB", fmt="PNG", color=(200, 30, 30), **save) -> bytes:
     buf = io.BytesIO()
     image = Image.new(mode, size, color if mode in ("RGB", "RGBA") else 128)

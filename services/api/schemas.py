@@ -6,7 +6,8 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
-from services.common.jobs import EditJob, EditParams, JobError, JobStatus, Progress
+from services.common.edit_params import EditParams
+from services.common.jobs import EditJob, JobError, JobStatus, Progress
 from services.common.workers import EngineStatus
 
 

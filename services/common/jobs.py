@@ -1,7 +1,9 @@
 """The edit job contract: its schema, its storage keys and its record in Redis.
 
 The API creates the record, the worker moves it through its states, and both read it.
-State changes are compare-and-set so a cancel racing a worker start is never lost.
+Every change is one named JobStore operation, allowed by the lifecycle table
+(job_lifecycle.py) and applied compare-and-set, so a cancel racing a worker start is
+never lost.
 """
 
 from __future__ import annotations
@@ -10,48 +12,16 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-SEED_MAX = 2**32 - 1
-
-
-class JobStatus(StrEnum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    canceled = "canceled"
-
-
-FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
-
-
-class EditParams(BaseModel):
-    prompt: str = Field(min_length=1, max_length=500)
-    negative_prompt: str | None = Field(None, max_length=500)
-    num_inference_steps: int = Field(20, ge=1, le=100)
-    guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
-    image_guidance_scale: float = Field(1.5, ge=0.0, le=10.0)
-    seed: int = Field(default_factory=lambda: secrets.randbelow(SEED_MAX + 1), ge=0, le=SEED_MAX)
-    num_outputs: int = Field(1, ge=1, le=4)
-
-
-def uses_guidance(params: EditParams) -> bool:
-    """InstructPix2Pix runs its three guidance branches only above these scales (the
-    pipeline's own rule); below, the text branch alone."""
-    return params.guidance_scale > 1.0 and params.image_guidance_scale >= 1.0
-
-
-def batch_key(size: tuple[int, int], params: EditParams) -> str:
-    """Jobs with equal keys can share one UNet call per step: same latent shape, same
-    timesteps, same branch layout. Prompts, seeds, scales and output counts may differ."""
-    mode = "cfg" if uses_guidance(params) else "text"
-    return f"{size[0]}x{size[1]}:{params.num_inference_steps}:{mode}"
+# JobStatus and FINISHED belong to the lifecycle; most code imports them from here.
+from services.common.edit_params import EditParams, batch_key
+from services.common.job_lifecycle import FINISHED, LIFECYCLE, JobOperation, JobStatus
 
 
 class Progress(BaseModel):
@@ -59,9 +29,40 @@ class Progress(BaseModel):
     total: int
 
 
+class JobErrorCode(StrEnum):
+    """Why a job ended `failed`: its `error.code` in the API."""
+
+    input_missing = "input_missing"
+    input_invalid = "input_invalid"
+    storage_error = "storage_error"
+    model_unavailable = "model_unavailable"
+    out_of_memory = "out_of_memory"
+    timeout = "timeout"
+    internal_error = "internal_error"
+    enqueue_failed = "enqueue_failed"
+
+
+JOB_ERROR_MESSAGES: dict[JobErrorCode, str] = {
+    JobErrorCode.input_missing: "the input image is not in storage",
+    JobErrorCode.input_invalid: "the stored input image is unusable",
+    JobErrorCode.storage_error: "image storage failed",
+    JobErrorCode.model_unavailable: "the model is unavailable",
+    JobErrorCode.out_of_memory: "the GPU ran out of memory; try a smaller image or fewer outputs",
+    JobErrorCode.timeout: "the edit took longer than the time limit",
+    JobErrorCode.internal_error: "the edit failed unexpectedly",
+    JobErrorCode.enqueue_failed: "the job could not be queued",
+}
+
+
 class JobError(BaseModel):
-    code: str
+    code: JobErrorCode
     message: str
+
+    @classmethod
+    def of(cls, code: JobErrorCode, detail: str | None = None) -> JobError:
+        """The code's message, followed by what went wrong this time."""
+        message = JOB_ERROR_MESSAGES[code]
+        return cls(code=code, message=f"{message}: {detail}" if detail else message)
 
 
 class EditJob(BaseModel):
@@ -131,11 +132,23 @@ class JobNotFound(KeyError):
 
 
 class TransitionRefused(Exception):
-    """The job is not in a state that allows the change (e.g. canceling a finished job)."""
+    """The job is not in a state that allows the operation (e.g. canceling a finished job)."""
 
     def __init__(self, job: EditJob) -> None:
         super().__init__(f"job {job.id} is {job.status}")
         self.job = job
+
+
+class Claim(NamedTuple):
+    job: EditJob
+    # The job was running under a lapsed lease: its first worker died. Its start stays
+    # the first one, so the job's queue wait and duration are the user's.
+    took_over: bool
+
+
+# What an operation queues into the MULTI once the lifecycle allowed it: given the current
+# record (None only where the rule allows no record) and the time, returns the result.
+Write = Callable[[redis.client.Pipeline, "EditJob | None", datetime], Any]
 
 
 class JobStore:
@@ -146,6 +159,9 @@ class JobStore:
     message is presumed lost), a running job by its lease (else its worker died). The
     reaper (services/gpu_worker/reaper.py) sends overdue jobs to the queue again, so an
     accepted job is never lost with a message.
+
+    Every change of a record is one of the named operations below, each checked against
+    the lifecycle table and applied compare-and-set; only this class writes the fields.
     """
 
     def __init__(
@@ -164,58 +180,174 @@ class JobStore:
     def _key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
 
-    def create(self, job: EditJob) -> None:
-        deadline = job.created_at.timestamp() + self.redeliver_after_s
-        with self.redis.pipeline() as pipe:  # MULTI: the record never exists unindexed
-            pipe.set(self._key(job.id), job.model_dump_json(), ex=self.ttl_s, nx=True)
-            pipe.zadd(self._active, {job.id: deadline}, nx=True)
-            created, _ = pipe.execute()
-        if not created:
-            raise RuntimeError(f"job id collision: {job.id}")
-
     def get(self, job_id: str) -> EditJob:
         raw = self.redis.get(self._key(job_id))
         if raw is None:
             raise JobNotFound(job_id)
         return EditJob.model_validate_json(raw)
 
-    def transition(
-        self,
-        job_id: str,
-        allowed_from: frozenset[JobStatus] | set[JobStatus],
-        when: Callable[[EditJob], bool] | None = None,
-        **changes: Any,
-    ) -> EditJob:
-        """Apply `changes` only if the job's status is in `allowed_from` (and `when(job)`
-        holds, if given), atomically.
+    # -- the lifecycle's operations ----------------------------------------------------
 
-        Raises TransitionRefused with the current record otherwise.
+    def create(self, job: EditJob) -> EditJob:
+        def write(pipe, _, now):
+            created = job.model_copy(update={"status": JobStatus.queued})
+            pipe.set(self._key(job.id), created.model_dump_json(), ex=self.ttl_s)
+            deadline = job.created_at.timestamp() + self.redeliver_after_s
+            pipe.zadd(self._active, {job.id: deadline})
+            return created
+
+        return self._apply(JobOperation.create, job.id, write)
+
+    def claim(self, job_id: str, lease: timedelta, queued_only: bool = False) -> Claim:
+        """Take the job for a worker, under a new owner token and a lease of `lease`.
+
+        Queued, or (unless `queued_only`, as when gathering a batch) running under a
+        lapsed lease. Raises TransitionRefused with the record otherwise.
         """
+        took_over = False  # as seen by the attempt that applies (WATCH may retry)
+
+        def changes(job: EditJob, now: datetime) -> dict[str, Any]:
+            nonlocal took_over
+            took_over = job.status == JobStatus.running
+            return {
+                "started_at": job.started_at or now,
+                "lease_expires_at": now + lease,
+                "lease_owner": secrets.token_hex(8),
+                "progress": Progress(step=0, total=job.params.num_inference_steps),
+                "output_keys": [],
+                "error": None,
+            }
+
+        operation = JobOperation.claim_queued if queued_only else JobOperation.claim
+        job = self._transition(operation, job_id, changes)
+        return Claim(job, took_over)
+
+    def renew_lease(self, job: EditJob, lease: timedelta) -> EditJob:
+        """Extend the lease of `job`'s claim (which must still hold) to `lease` from now."""
+        return self._transition(
+            JobOperation.renew_lease,
+            job.id,
+            lambda _, now: {"lease_expires_at": now + lease},
+            owner=job.lease_owner,
+        )
+
+    def report_progress(self, job: EditJob, step: int, total: int, lease: timedelta) -> EditJob:
+        return self._transition(
+            JobOperation.report_progress,
+            job.id,
+            lambda _, now: {
+                "progress": Progress(step=step, total=total),
+                "lease_expires_at": now + lease,
+            },
+            owner=job.lease_owner,
+        )
+
+    def succeed(self, job: EditJob, output_keys: list[str]) -> EditJob:
+        return self._finish(JobOperation.succeed, job.id, job.lease_owner, output_keys=output_keys)
+
+    def fail(self, job: EditJob, error: JobError) -> EditJob:
+        """End a job the worker holding it could not run."""
+        return self._finish(JobOperation.fail, job.id, job.lease_owner, error=error)
+
+    def fail_unqueued(self, job_id: str) -> EditJob:
+        """End a job whose queueing failed; refused if a worker took it meanwhile."""
+        error = JobError.of(JobErrorCode.enqueue_failed)
+        return self._finish(JobOperation.fail_unqueued, job_id, error=error)
+
+    def cancel(self, job_id: str) -> EditJob:
+        return self._finish(JobOperation.cancel, job_id)
+
+    def requeue(self, job_id: str, retry_at: datetime, now: datetime | None = None) -> EditJob:
+        """The job was sent to the queue again: look at it next at `retry_at`, giving a
+        worker time to pick the message up. The record itself does not change."""
+
+        def write(pipe, job, _):
+            pipe.zadd(self._active, {job_id: retry_at.timestamp()})
+            return job
+
+        return self._apply(JobOperation.requeue, job_id, write, now=now)
+
+    def expire(self, job_id: str) -> None:
+        """Drop a job whose record expired (or that finished) from the index of unfinished
+        jobs."""
+        self._apply(JobOperation.expire, job_id, lambda pipe, *_: pipe.zrem(self._active, job_id))
+
+    # -- applying an operation ---------------------------------------------------------
+
+    def _finish(
+        self, operation: JobOperation, job_id: str, owner: str | None = None, **fields: Any
+    ) -> EditJob:
+        # A finished job holds no lease: nothing renews it, and the reaper ignores it.
+        return self._transition(
+            operation,
+            job_id,
+            lambda _, now: {**fields, "finished_at": now, "lease_expires_at": None},
+            owner=owner,
+        )
+
+    def _transition(
+        self,
+        operation: JobOperation,
+        job_id: str,
+        changes: Callable[[EditJob, datetime], dict[str, Any]],
+        owner: str | None = None,
+    ) -> EditJob:
+        """Rewrite the record with `changes(job, now)` and the operation's target status,
+        keeping both indexes in step."""
+        target = LIFECYCLE[operation].target
+
+        def write(pipe, job, now):
+            status = target or job.status
+            updated = job.model_copy(update={**changes(job, now), "status": status})
+            pipe.set(self._key(job_id), updated.model_dump_json(), ex=self.ttl_s)
+            if updated.status in FINISHED:
+                pipe.zrem(self._active, job_id)
+            elif updated.lease_expires_at is not None:
+                pipe.zadd(self._active, {job_id: updated.lease_expires_at.timestamp()})
+            if job.status == JobStatus.queued:
+                # Taken or ended: no worker gathering a batch may pick it up any more.
+                pipe.zrem(self._pending_key(job.batch_key), job_id)
+            return updated
+
+        return self._apply(operation, job_id, write, owner=owner)
+
+    def _apply(
+        self,
+        operation: JobOperation,
+        job_id: str,
+        write: Write,
+        owner: str | None = None,
+        now: datetime | None = None,
+    ) -> Any:
+        """Run `write` in one MULTI if the lifecycle allows `operation` on the record as it
+        stands, retrying whenever the record changes in between (WATCH).
+
+        Raises JobNotFound, or TransitionRefused with the current record.
+        """
+        rule = LIFECYCLE[operation]
         key = self._key(job_id)
         while True:
             with self.redis.pipeline() as pipe:
                 try:
                     pipe.watch(key)
                     raw = pipe.get(key)
-                    if raw is None:
+                    job = EditJob.model_validate_json(raw) if raw is not None else None
+                    at = now or utcnow()
+                    if job is None and not rule.without_record:
                         raise JobNotFound(job_id)
-                    job = EditJob.model_validate_json(raw)
-                    if job.status not in allowed_from or (when and not when(job)):
+                    if job is not None and not rule.allows(job, owner, at):
                         raise TransitionRefused(job)
-                    updated = job.model_copy(update=changes)
                     pipe.multi()
-                    pipe.set(key, updated.model_dump_json(), ex=self.ttl_s)
-                    if updated.status in FINISHED:
-                        pipe.zrem(self._active, job_id)
-                    elif updated.lease_expires_at is not None:
-                        pipe.zadd(self._active, {job_id: updated.lease_expires_at.timestamp()})
+                    result = write(pipe, job, at)
                     pipe.execute()
-                    return updated
+                    return result
                 except redis.WatchError:
                     time.sleep(0.001)
-                    continue
+
+    # -- indexes -----------------------------------------------------------------------
 
     def delete(self, job_id: str) -> None:
+        """Undo `create` (the submission failed): record and index entry."""
         with self.redis.pipeline() as pipe:
             pipe.delete(self._key(job_id))
             pipe.zrem(self._active, job_id)
@@ -226,17 +358,9 @@ class JobStore:
         ids = self.redis.zrangebyscore(self._active, "-inf", now.timestamp(), 0, limit)
         return [i.decode() for i in ids]
 
-    def postpone(self, job_id: str, until: datetime) -> None:
-        """Move an overdue job's deadline (it was just sent again); XX: never re-adds a job
-        that finished meanwhile."""
-        self.redis.zadd(self._active, {job_id: until.timestamp()}, xx=True)
-
-    def forget(self, job_id: str) -> None:
-        """Drop a job from the index (its record expired)."""
-        self.redis.zrem(self._active, job_id)
-
     # Jobs waiting for a worker, per batch key, oldest first: where a worker looks for
-    # jobs to run together with the one its queue message named.
+    # jobs to run together with the one its queue message named. A job leaves it with
+    # the operation that moves it out of `queued`.
     def _pending_key(self, key: str) -> str:
         return f"{self.namespace}:pending:{key}"
 

@@ -18,6 +18,8 @@ import torch
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 TEXT_HIDDEN = 32
+# Width of CLIP's pooled text projection (SDXL conditions its UNet on it).
+TEXT_PROJECTION = 32
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -51,8 +53,10 @@ def write_tokenizer(directory: Path) -> int:
     return len(vocab)
 
 
-def build_text_encoder(vocab_size: int, seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_text_encoder(vocab_size: int, seed: int, with_projection: bool = False):
+    """CLIP's text encoder; `with_projection` adds the pooled projection that SDXL's second
+    text encoder has (CLIPTextModelWithProjection)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
@@ -66,12 +70,18 @@ def build_text_encoder(vocab_size: int, seed: int):
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
-        projection_dim=32,
+        projection_dim=TEXT_PROJECTION,
     )
-    return CLIPTextModel(config).eval()
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return model_class(config).eval()
 
 
-def build_vae(seed: int):
+# The latent scaling of SD 1.x's VAE and of SDXL's.
+SD_VAE_SCALING = 0.18215
+SDXL_VAE_SCALING = 0.13025
+
+
+def build_vae(seed: int, scaling_factor: float = SD_VAE_SCALING):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -86,6 +96,7 @@ def build_vae(seed: int):
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
+        scaling_factor=scaling_factor,
     ).eval()
 
 
@@ -107,6 +118,34 @@ def build_unet(in_channels: int, seed: int):
     ).eval()
 
 
+# SDXL's UNet takes both text encoders' hidden states side by side, and an "added"
+# embedding of the pooled text and six time ids (SDXL_TIME_EMBED values each).
+SDXL_TIME_EMBED = 8
+
+
+def build_sdxl_unet(in_channels: int, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * TEXT_HIDDEN,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED + TEXT_PROJECTION,
+        norm_num_groups=8,
+    ).eval()
+
+
 def build_euler_ancestral_scheduler():
     from diffusers import EulerAncestralDiscreteScheduler
 
@@ -116,4 +155,18 @@ def build_euler_ancestral_scheduler():
         beta_end=0.012,
         beta_schedule="scaled_linear",
         num_train_timesteps=1000,
+    )
+
+
+def build_sdxl_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    # The scheduler config SDXL checkpoints ship (sdxl-instructpix2pix-768 among them).
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
     )

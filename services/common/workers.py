@@ -24,6 +24,9 @@ class EngineInfo(BaseModel):
     model_config = ConfigDict(frozen=True, protected_namespaces=())
 
     model: str
+    # The model family (services/gpu_worker/families): "sd15" or "sdxl". Workers from
+    # before the SDXL family did not report it, and served SD 1.5 only.
+    family: str = "sd15"
     device: str
     dtype: str
     attention: str

@@ -109,10 +109,10 @@ class ClipFilter:
             return
         from transformers import AutoProcessor, CLIPModel
 
-        from services.datagen.pair_pipeline import resolve_device
+        from services.common.diffusion import resolve_device, serving_dtype
 
         device = resolve_device(self.config.device)
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        dtype = serving_dtype(device)
         self.processor = AutoProcessor.from_pretrained(self.config.model)
         self.model = CLIPModel.from_pretrained(self.config.model, dtype=dtype).to(device).eval()
         self.device = device

@@ -33,7 +33,12 @@ from dataclasses import dataclass, replace
 import torch
 from PIL import Image
 
-from services.common.model_source import ModelUnavailable, local_pipeline_dir, resolve_device
+from services.common.diffusion import (
+    decode_latents,
+    load_pipeline,
+    resolve_device,
+    serving_dtype,
+)
 from services.common.settings import DEFAULT_DATAGEN_MODEL, Settings, get_settings
 from services.datagen.pair_params import EditRow, ImagePair, PairParams
 from services.datagen.prompt_to_prompt import (
@@ -50,7 +55,6 @@ __all__ = [
     "PairGeneratorInfo",
     "get_pair_generator",
     "load_text_to_image_pipeline",
-    "resolve_device",
 ]
 
 log = logging.getLogger(__name__)
@@ -131,30 +135,19 @@ def load_text_to_image_pipeline(model: str, dtype: torch.dtype):
     Hugging Face cache once), without safety checker."""
     from diffusers import StableDiffusionPipeline
 
-    local = local_pipeline_dir(model, NO_MODEL_HINT)
-    source = str(local) if local is not None else model
-    try:
-        return StableDiffusionPipeline.from_pretrained(
-            source,
-            dtype=dtype,
-            # Product photos, not open-ended generation: the checker would blank outputs.
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
-    except Exception as exc:
-        raise ModelUnavailable(
-            f"the text-to-image model {model!r} could not be loaded "
-            f"({type(exc).__name__}: {exc}). {NO_MODEL_HINT}"
-        ) from exc
+    return load_pipeline(
+        StableDiffusionPipeline,
+        model,
+        dtype,
+        NO_MODEL_HINT,
+        # Product photos, not open-ended generation: the checker would blank outputs.
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
 
 
 def _accepts(function: Callable, parameter: str) -> bool:
     return parameter in inspect.signature(function).parameters
-
-
-def _dtype_for(device: torch.device) -> torch.dtype:
-    # fp16 on GPUs (half the memory, tensor cores); CPUs have no fast fp16.
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 class PairGenerator:
@@ -181,7 +174,7 @@ class PairGenerator:
 
         diffusers_logging.disable_progress_bar()
         device = resolve_device(self.config.device)
-        dtype = _dtype_for(device)
+        dtype = serving_dtype(device)
         pipe = self._given_pipeline
         if pipe is None:
             pipe = load_text_to_image_pipeline(self.config.model, dtype)
@@ -428,15 +421,7 @@ class PairGenerator:
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         pipe = self._require_pipe()
-        vae = pipe.vae
-        scaled = latents / vae.config.scaling_factor
-        pixels = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
-        if not torch.isfinite(pixels).all():
-            # The SD VAE decoder can overflow fp16 into inf/NaN (a black picture): redo
-            # that decode in float32.
-            log.warning("fp16 VAE decode overflowed; decoding again in float32")
-            pixels = vae.to(torch.float32).decode(scaled.float(), return_dict=False)[0]
-            vae.to(pipe.unet.dtype)
+        pixels = decode_latents(pipe.vae, latents / pipe.vae.config.scaling_factor)
         return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
@@ -463,7 +448,7 @@ def get_pair_generator(config: PairGeneratorConfig) -> PairGenerator:
         height=None,
         width=None,
     )
-    key = (shared, str(_dtype_for(device)))
+    key = (shared, str(serving_dtype(device)))
     if _loaded is not None and _loaded[0] == key:
         return _loaded[1]
     if _loaded is not None:

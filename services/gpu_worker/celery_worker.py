@@ -20,6 +20,7 @@ import redis
 from celery import signals
 
 from services.common.celery_app import create_celery_app
+from services.common.diffusion import ModelUnavailable, resolve_pipeline_dir
 from services.common.jobs import JobStore, utcnow
 from services.common.logging import configure_celery_logging
 from services.common.queues import EDIT_TASK, enqueue_edit
@@ -28,8 +29,8 @@ from services.common.storage import open_storage
 from services.common.workers import EngineStatus, WorkerRegistry
 from services.gpu_worker.edit_job import Deferred, EditRunner
 from services.gpu_worker.engine import EditEngine, EngineOptions
+from services.gpu_worker.families import NO_MODEL_HINT, family_for_model
 from services.gpu_worker.metrics import MetricsObserver, start_metrics_server
-from services.gpu_worker.model_loading import ModelUnavailable, resolve_model
 from services.gpu_worker.reaper import JobReaper
 
 log = logging.getLogger("instructedit.gpu_worker")
@@ -55,7 +56,10 @@ signals.setup_logging.connect(configure_celery_logging)
 @signals.worker_init.connect
 def _resolve_model_in_parent(**_) -> None:
     try:
-        state.model_path = str(resolve_model(settings.model))
+        model_dir = resolve_pipeline_dir(settings.model, NO_MODEL_HINT)
+        family = family_for_model(model_dir)  # an unservable model stops the worker here
+        log.info("edit model %s is a %s model", model_dir, family.name)
+        state.model_path = str(model_dir)
     except ModelUnavailable as exc:
         # One clear line and a non-zero exit, instead of children failing every job.
         log.critical("%s", exc)
@@ -90,18 +94,10 @@ def _setup_process() -> None:
     # there could hold a lock at the fork. A lock in Redis keeps it to one sweep a round.
     reaper = JobReaper(jobs, partial(enqueue_edit, app), settings.job_redeliver_after_s)
     reaper.keep_sweeping(settings.reaper_interval_s)
-    model_path = state.model_path or str(resolve_model(settings.model))
+    model_path = state.model_path or str(resolve_pipeline_dir(settings.model, NO_MODEL_HINT))
     engine: EditEngine | None = EditEngine(
         model_path,
-        EngineOptions(
-            device=child_device(settings.device),
-            max_batch=settings.max_batch,
-            compile_unet=settings.compile_unet,
-            compile_mode=settings.compile_mode,
-            attention_slicing=settings.attention_slicing,
-            vae_tiling=settings.vae_tiling,
-            text_embedding_cache_size=settings.text_embedding_cache_size,
-        ),
+        EngineOptions.from_settings(settings, device=child_device(settings.device)),
     )
     engine_error = None
     try:

@@ -18,26 +18,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
+from services.common.edit_params import batch_key
 from services.common.images import ImageRejected, decode_image, to_model_input, to_png
 from services.common.jobs import (
     EditJob,
     JobError,
+    JobErrorCode,
     JobNotFound,
     JobStatus,
     JobStore,
-    Progress,
     TransitionRefused,
-    batch_key,
     output_key,
     utcnow,
 )
@@ -46,9 +45,6 @@ from services.common.storage import ObjectNotFound, Storage, StorageError
 from services.gpu_worker.engine import EditEngine, EditRequest, LeaveBatch, is_out_of_memory
 
 log = logging.getLogger(__name__)
-
-CLAIMABLE = frozenset({JobStatus.queued, JobStatus.running})
-RUNNING = frozenset({JobStatus.running})
 
 
 class JobCanceled(LeaveBatch):
@@ -59,15 +55,12 @@ class ClaimLost(LeaveBatch):
     """Another worker took the job over (this one was presumed dead): leave it to them."""
 
 
-def owned_by(job: EditJob) -> Callable[[EditJob], bool]:
-    """A transition guard: the record still carries this claim's token."""
-    return lambda current: current.lease_owner == job.lease_owner
-
-
-@dataclass
 class JobFailure(Exception):
-    code: str
-    message: str
+    """The job cannot run, for a reason the client is told in its `error`."""
+
+    def __init__(self, code: JobErrorCode, detail: str | None = None) -> None:
+        self.error = JobError.of(code, detail)
+        super().__init__(self.error.message)
 
 
 @dataclass(frozen=True)
@@ -126,7 +119,6 @@ class EditRunner:
                 return Deferred(max(wait, 0.0) + 0.5)
             log.info("job %s is %s; not running it", job_id, held.status)
             return None
-        self.jobs.remove_pending(job.batch_key, job.id)
         with bind_request_id(job.request_id, job.id), self._heartbeat([job]) as held:
             batch = [job, *self._gather(job)]
             held.extend(batch[1:])
@@ -144,12 +136,7 @@ class EditRunner:
             while not stop.wait(self.lease.total_seconds() / 3):
                 for job in list(held):
                     try:
-                        self.jobs.transition(
-                            job.id,
-                            RUNNING,
-                            when=owned_by(job),
-                            lease_expires_at=utcnow() + self.lease,
-                        )
+                        self.jobs.renew_lease(job, self.lease)
                     except (TransitionRefused, JobNotFound):
                         held.remove(job)  # finished, canceled or taken over
                     except redis.RedisError as exc:
@@ -165,33 +152,11 @@ class EditRunner:
 
     # -- claiming ----------------------------------------------------------------------
 
-    def _claim(self, job_id: str) -> EditJob:
-        now = utcnow()
-
-        def free(job: EditJob) -> bool:
-            # Queued, or running under a lapsed lease (its worker died).
-            return job.status == JobStatus.queued or (
-                job.lease_expires_at is not None and job.lease_expires_at <= now
-            )
-
-        current = self.jobs.get(job_id)
-        job = self.jobs.transition(
-            job_id,
-            CLAIMABLE,
-            when=free,
-            status=JobStatus.running,
-            # A takeover keeps the first start: the job's queue wait and duration are the
-            # user's, whichever worker finishes it.
-            started_at=current.started_at or now,
-            lease_expires_at=now + self.lease,
-            lease_owner=secrets.token_hex(8),
-            progress=Progress(step=0, total=current.params.num_inference_steps),
-            output_keys=[],
-            error=None,
-        )
-        if self.observer and current.started_at is None:
-            self.observer.job_started(job)
-        return job
+    def _claim(self, job_id: str, queued_only: bool = False) -> EditJob:
+        claim = self.jobs.claim(job_id, self.lease, queued_only=queued_only)
+        if self.observer and not claim.took_over:
+            self.observer.job_started(claim.job)
+        return claim.job
 
     def _gather(self, first: EditJob) -> list[EditJob]:
         """Claim up to max_batch - 1 queued jobs sharing `first`'s batch key."""
@@ -203,32 +168,17 @@ class EditRunner:
             for job_id in self.jobs.pending(first.batch_key, 4 * self.max_batch):
                 if len(joined) >= self.max_batch - 1:
                     break
-                with contextlib.suppress(TransitionRefused, JobNotFound):
-                    joined.append(self._claim_queued(job_id))
-                # Claimed or not claimable: either way it no longer waits here.
-                self.jobs.remove_pending(first.batch_key, job_id)
+                try:
+                    joined.append(self._claim(job_id, queued_only=True))
+                except (TransitionRefused, JobNotFound):
+                    # Not claimable (the claim itself takes a job off the index).
+                    self.jobs.remove_pending(first.batch_key, job_id)
             if len(joined) >= self.max_batch - 1 or time.monotonic() >= deadline:
                 break
             time.sleep(0.005)
         if joined:
             log.info("job %s runs in a batch with %s", first.id, [j.id for j in joined])
         return joined
-
-    def _claim_queued(self, job_id: str) -> EditJob:
-        now = utcnow()
-        total = self.jobs.get(job_id).params.num_inference_steps
-        job = self.jobs.transition(
-            job_id,
-            {JobStatus.queued},
-            status=JobStatus.running,
-            started_at=now,
-            lease_expires_at=now + self.lease,
-            lease_owner=secrets.token_hex(8),
-            progress=Progress(step=0, total=total),
-        )
-        if self.observer:
-            self.observer.job_started(job)
-        return job
 
     # -- running -----------------------------------------------------------------------
 
@@ -241,13 +191,13 @@ class EditRunner:
             # Anything unforeseen (a bug, a time limit outside the engine): fail what is
             # still running rather than leave it `running` until its lease lapses.
             if isinstance(exc, SoftTimeLimitExceeded):
-                code, message = "timeout", "the edit took longer than the time limit"
+                error = JobError.of(JobErrorCode.timeout)
             else:
                 log.exception("running batch %s failed", [job.id for job in batch])
-                code, message = "internal_error", f"{type(exc).__name__}: {exc}"
+                error = _internal_error(exc)
             for job in batch:
                 if job.id not in results:
-                    results[job.id] = self._fail(job, code, message)
+                    results[job.id] = self._fail(job, error)
         return results
 
     def _run_into(self, batch: list[EditJob], results: dict[str, JobStatus | None]) -> None:
@@ -256,7 +206,7 @@ class EditRunner:
             try:
                 loaded = self._load(job)
             except JobFailure as failure:
-                results[job.id] = self._fail(job, failure.code, failure.message)
+                results[job.id] = self._fail(job, failure.error)
                 continue
             key = batch_key(loaded.request.image.size, job.params)
             groups.setdefault(key, []).append(loaded)
@@ -267,33 +217,25 @@ class EditRunner:
 
     def _load(self, job: EditJob) -> _Loaded:
         if self.engine is None:
-            raise JobFailure("model_unavailable", self.engine_error or "the model is not loaded")
+            raise JobFailure(JobErrorCode.model_unavailable, self.engine_error)
         try:
             raw = self.storage.get(job.input_key)
         except ObjectNotFound:
-            raise JobFailure(
-                "input_missing", f"the input image {job.input_key} is not in storage"
-            ) from None
+            raise JobFailure(JobErrorCode.input_missing, job.input_key) from None
         except StorageError as exc:
-            raise JobFailure("storage_error", f"could not read the input image: {exc}") from None
+            raise JobFailure(
+                JobErrorCode.storage_error, f"could not read the input image: {exc}"
+            ) from None
         try:
             image = to_model_input(decode_image(raw).image, self.max_side)
         except ImageRejected as exc:
-            raise JobFailure(
-                "input_invalid", f"the stored input image is unusable: {exc.message}"
-            ) from None
+            raise JobFailure(JobErrorCode.input_invalid, exc.message) from None
         return _Loaded(job, EditRequest(image, job.params, self._progress_reporter(job)))
 
     def _progress_reporter(self, job: EditJob):
         def on_step(step: int, total: int) -> None:
             try:
-                self.jobs.transition(
-                    job.id,
-                    RUNNING,
-                    when=owned_by(job),
-                    progress=Progress(step=step, total=total),
-                    lease_expires_at=utcnow() + self.lease,
-                )
+                self.jobs.report_progress(job, step, total, self.lease)
             except TransitionRefused as refused:
                 # It leaves the batch before the next step.
                 if refused.job.status == JobStatus.canceled:
@@ -304,24 +246,19 @@ class EditRunner:
 
     def _run_group(self, group: list[_Loaded], results: dict[str, JobStatus | None]) -> None:
         started = time.perf_counter()
-        failure: tuple[str, str] | None = None
-        out_of_memory = False
+        failure: JobError | None = None
         try:
             outcomes = self.engine.predict_batch([item.request for item in group])
         except SoftTimeLimitExceeded:
-            failure = ("timeout", "the edit took longer than the time limit")
+            failure = JobError.of(JobErrorCode.timeout)
         except Exception as exc:
             if is_out_of_memory(exc):
-                out_of_memory = True
-                failure = (
-                    "out_of_memory",
-                    "the GPU ran out of memory; try a smaller image or fewer outputs",
-                )
+                failure = JobError.of(JobErrorCode.out_of_memory)
             else:
                 log.exception("batch %s failed", [item.job.id for item in group])
-                failure = ("internal_error", f"{type(exc).__name__}: {exc}")
+                failure = _internal_error(exc)
         # Outside the except block: the traceback no longer pins the batch's tensors.
-        if out_of_memory:
+        if failure is not None and failure.code == JobErrorCode.out_of_memory:
             _release_gpu_memory()
             if len(group) > 1:
                 # The batch was too big, not necessarily any one job: run them one by one.
@@ -331,7 +268,7 @@ class EditRunner:
                 return
         if failure is not None:
             for item in group:
-                results[item.job.id] = self._fail(item.job, *failure)
+                results[item.job.id] = self._fail(item.job, failure)
             return
         engine_s = time.perf_counter() - started
         for item, outcome in zip(group, outcomes, strict=True):
@@ -348,10 +285,8 @@ class EditRunner:
             return None
         if isinstance(outcome, BaseException):
             if is_out_of_memory(outcome):
-                return self._fail(
-                    job, "out_of_memory", "the GPU ran out of memory; try a smaller image"
-                )
-            return self._fail(job, "internal_error", f"{type(outcome).__name__}: {outcome}")
+                return self._fail(job, JobError.of(JobErrorCode.out_of_memory))
+            return self._fail(job, _internal_error(outcome))
         keys: list[str] = []
         try:
             for index, image in enumerate(outcome):
@@ -360,17 +295,10 @@ class EditRunner:
                 self.storage.put(key, to_png(image), "image/png")
         except StorageError as exc:
             self._discard(keys)
-            return self._fail(job, "storage_error", f"could not store the outputs: {exc}")
+            error = JobError.of(JobErrorCode.storage_error, f"could not store the outputs: {exc}")
+            return self._fail(job, error)
         try:
-            done = self.jobs.transition(
-                job.id,
-                RUNNING,
-                when=owned_by(job),
-                status=JobStatus.succeeded,
-                output_keys=keys,
-                finished_at=utcnow(),
-                lease_expires_at=None,
-            )
+            done = self.jobs.succeed(job, keys)
         except (TransitionRefused, JobNotFound) as refused:
             # Canceled as it finished, or taken over: these outputs belong to no job.
             self._discard(keys)
@@ -398,24 +326,20 @@ class EditRunner:
         with contextlib.suppress(JobNotFound):
             self.observer.job_finished(self.jobs.get(job.id), engine_s)
 
-    def _fail(self, job: EditJob, code: str, message: str) -> JobStatus | None:
+    def _fail(self, job: EditJob, error: JobError) -> JobStatus | None:
         with bind_request_id(job.request_id, job.id):
-            log.warning("job %s failed: %s: %s", job.id, code, message)
+            log.warning("job %s failed: %s: %s", job.id, error.code, error.message)
         try:
-            failed = self.jobs.transition(
-                job.id,
-                RUNNING,
-                when=owned_by(job),
-                status=JobStatus.failed,
-                error=JobError(code=code, message=message),
-                finished_at=utcnow(),
-                lease_expires_at=None,
-            )
+            failed = self.jobs.fail(job, error)
         except (TransitionRefused, JobNotFound):
             return None
         if self.observer:
             self.observer.job_finished(failed, 0.0)
         return JobStatus.failed
+
+
+def _internal_error(exc: BaseException) -> JobError:
+    return JobError.of(JobErrorCode.internal_error, f"{type(exc).__name__}: {exc}")
 
 
 def _release_gpu_memory() -> None:

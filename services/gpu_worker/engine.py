@@ -1,4 +1,5 @@
-"""The edit engine: load InstructPix2Pix once (`setup`), edit images (`predict_batch`).
+"""The edit engine: load an InstructPix2Pix model once (`setup`), edit images
+(`predict_batch`).
 
 Celery, Redis and storage stay outside this file: it takes PIL images and parameters and
 returns PIL images, so it is benchmarked and tested on its own.
@@ -6,8 +7,11 @@ returns PIL images, so it is benchmarked and tested on its own.
 The denoising loop is our own rather than the pipeline's `__call__`, for one reason:
 dynamic batching. Several jobs (different images, prompts, seeds, guidance scales, numbers
 of outputs) share one UNet call per step, while each keeps its own random generator and
-scheduler state, so every job gets exactly the noise it would get alone. The components,
-preprocessing, prompt encoding and decoding are the pipeline's own.
+scheduler state, so every job gets exactly the noise it would get alone.
+
+This file is the batcher and knows no model: encoding prompts and images, the UNet call
+and decoding belong to the model family (services/gpu_worker/families/), picked from the
+model's model_index.json, so SD 1.5 and SDXL InstructPix2Pix run through the same loop.
 """
 
 from __future__ import annotations
@@ -21,10 +25,33 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from pydantic import BaseModel, ConfigDict
 
-from services.common.jobs import EditParams, batch_key, uses_guidance
-from services.common.model_source import resolve_device
+from services.common.diffusion import (
+    is_out_of_memory,
+    resolve_device,
+    resolve_pipeline_dir,
+    serving_dtype,
+)
+from services.common.edit_params import EditParams, batch_key, uses_guidance
+from services.common.settings import Settings
 from services.common.workers import EngineInfo
+from services.gpu_worker.families import (
+    NO_MODEL_HINT,
+    ModelFamily,
+    TextConditioning,
+    family_for_model,
+    family_for_pipeline,
+)
+
+__all__ = [
+    "EditEngine",
+    "EditRequest",
+    "EngineOptions",
+    "LeaveBatch",
+    "StepCallback",
+    "is_out_of_memory",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +63,12 @@ class LeaveBatch(Exception):
     any other exception from `on_step` ends the whole batch."""
 
 
-@dataclass(frozen=True)
-class EngineOptions:
+class EngineOptions(BaseModel):
+    """How the engine serves; each option is the setting of the same name (settings.py
+    documents them), so `from_settings` is the only place options and settings meet."""
+
+    model_config = ConfigDict(frozen=True)
+
     device: str = "auto"
     max_batch: int = 8
     compile_unet: bool = False
@@ -45,6 +76,11 @@ class EngineOptions:
     attention_slicing: bool = False
     vae_tiling: bool = False
     text_embedding_cache_size: int = 512
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides) -> EngineOptions:
+        values = {name: getattr(settings, name) for name in cls.model_fields}
+        return cls(**{**values, **overrides})
 
 
 @dataclass
@@ -64,8 +100,8 @@ class _Job:
     generator: torch.Generator
     latents: torch.Tensor
     image_latents: torch.Tensor
-    text_embeds: torch.Tensor
-    negative_embeds: torch.Tensor | None
+    text: TextConditioning
+    negative: TextConditioning | None
     extra_step_kwargs: dict = field(default_factory=dict)
     outcome: list[Image.Image] | BaseException | None = None
 
@@ -79,40 +115,34 @@ class EditEngine:
         self.model_path = model_path
         self.options = options or EngineOptions()
         self.pipe = None
+        self.family: ModelFamily | None = None
         self.info: EngineInfo | None = None
         self._embeds: OrderedDict[tuple, tuple] = OrderedDict()
 
     # -- setup -------------------------------------------------------------------------
 
     def setup(self) -> EngineInfo:
-        from diffusers import StableDiffusionInstructPix2PixPipeline
+        """Load the model (a local directory or a Hub id) with the family its
+        model_index.json names, and configure it for serving."""
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()  # loading bars are noise in worker logs
         device = resolve_device(self.options.device)
-        pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-            self.model_path,
-            dtype=self._dtype_for(device),
-            # Product photos, not open-ended generation: the checker would blank outputs.
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
-        return self.use_pipeline(pipe)
-
-    @staticmethod
-    def _dtype_for(device: torch.device) -> torch.dtype:
-        # fp16 halves memory and doubles tensor-core throughput; CPUs have no fast fp16.
-        return torch.float16 if device.type == "cuda" else torch.float32
+        directory = resolve_pipeline_dir(self.model_path, NO_MODEL_HINT)
+        family = family_for_model(directory)
+        return self.use_pipeline(family.load(str(directory), serving_dtype(device)))
 
     def use_pipeline(self, pipe) -> EngineInfo:
         """Configure an already built pipeline for serving (setup() after loading; the
         benchmark hands in full-size pipelines built from configs)."""
+        family = family_for_pipeline(pipe)(pipe)
         device = resolve_device(self.options.device)
-        dtype = self._dtype_for(device)
+        dtype = serving_dtype(device)
         if pipe.unet.dtype != dtype:
             pipe.to(dtype=dtype)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
+        family.check()
         attention = self._select_attention(pipe, device)
         if device.type == "cuda":
             # NHWC convolutions are the fast path for tensor cores.
@@ -126,9 +156,12 @@ class EditEngine:
             # Pays off on CUDA (fused kernels, CUDA graphs with "reduce-overhead"); it also
             # works on CPU, which is how the tests check that it changes no output.
             pipe.unet = torch.compile(pipe.unet, mode=self.options.compile_mode)
+            family.dynamic_batch = True
         self.pipe = pipe
+        self.family = family
         self.info = EngineInfo(
             model=self.model_path,
+            family=family.name,
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
             attention=attention,
@@ -238,9 +271,7 @@ class EditEngine:
         device, dtype = self.device, pipe.unet.dtype
         n = params.num_outputs
         text, negative = self._encode_prompt(params.prompt, params.negative_prompt, cfg)
-        pixels = pipe.image_processor.preprocess(request.image).to(device=device, dtype=dtype)
-        # InstructPix2Pix conditions on the unscaled mode of the image's latent distribution.
-        image_latents = pipe.vae.encode(pixels).latent_dist.mode()
+        image_latents = self.family.encode_image(request.image)
         scheduler = copy.deepcopy(pipe.scheduler)
         scheduler.set_timesteps(params.num_inference_steps, device=device)
         # A CPU generator gives the same noise for a seed on any device.
@@ -255,22 +286,21 @@ class EditEngine:
             generator=generator,
             latents=latents,
             image_latents=image_latents.repeat(n, 1, 1, 1),
-            text_embeds=text.repeat(n, 1, 1),
-            negative_embeds=negative.repeat(n, 1, 1) if negative is not None else None,
+            text=text.repeat(n),
+            negative=negative.repeat(n) if negative is not None else None,
             extra_step_kwargs=pipe.prepare_extra_step_kwargs(generator, 0.0),
         )
 
     def _unet_step(self, jobs: list[_Job], t: torch.Tensor, cfg: bool) -> torch.Tensor:
         """One UNet call for every job; returns the guided noise, jobs in order."""
-        unet = self.pipe.unet
         scaled = torch.cat([j.scheduler.scale_model_input(j.latents, t) for j in jobs])
         image_latents = torch.cat([j.image_latents for j in jobs])
-        text = torch.cat([j.text_embeds for j in jobs])
+        text = TextConditioning.cat([j.text for j in jobs])
+        size = jobs[0].request.image.size
         if not cfg:
             model_input = torch.cat([scaled, image_latents], dim=1)
-            self._mark_batch_dynamic(model_input, text)
-            return unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
-        negative = torch.cat([j.negative_embeds for j in jobs])
+            return self.family.predict_noise(model_input, t, text, size)
+        negative = TextConditioning.cat([j.negative for j in jobs])
         # Branches [text, image, uncond]: the text branch sees prompt and image, the image
         # branch the image alone, the unconditional branch neither.
         model_input = torch.cat(
@@ -280,21 +310,13 @@ class EditEngine:
                 torch.cat([scaled, torch.zeros_like(image_latents)], dim=1),
             ]
         )
-        embeds = torch.cat([text, negative, negative])
-        self._mark_batch_dynamic(model_input, embeds)
-        noise = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        branches = TextConditioning.cat([text, negative, negative])
+        noise = self.family.predict_noise(model_input, t, branches, size)
         noise_text, noise_image, noise_uncond = noise.chunk(3)
         # Per-sample scales: each job keeps its own S_T and S_I inside the shared batch.
         s_t = self._per_sample([j.request.params.guidance_scale for j in jobs], jobs, noise)
         s_i = self._per_sample([j.request.params.image_guidance_scale for j in jobs], jobs, noise)
         return noise_uncond + s_t * (noise_text - noise_image) + s_i * (noise_image - noise_uncond)
-
-    def _mark_batch_dynamic(self, *tensors: torch.Tensor) -> None:
-        """The batch size changes with the traffic: a compiled UNet gets a symbolic batch
-        dimension from its first call instead of recompiling for every new size."""
-        if self.options.compile_unet:
-            for tensor in tensors:
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
     @staticmethod
     def _per_sample(values: list[float], jobs: list[_Job], like: torch.Tensor) -> torch.Tensor:
@@ -303,17 +325,15 @@ class EditEngine:
 
     def _encode_prompt(
         self, prompt: str, negative_prompt: str | None, cfg: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text-encoder output for (prompt, negative), cached: catalog edits repeat the same
-        instructions, and the empty negative prompt is in nearly every job."""
+    ) -> tuple[TextConditioning, TextConditioning | None]:
+        """The family's conditioning for (prompt, negative), cached: catalog edits repeat
+        the same instructions, and the empty negative prompt is in nearly every job."""
         key = (prompt, negative_prompt, cfg)
         cached = self._embeds.get(key)
         if cached is not None:
             self._embeds.move_to_end(key)
             return cached
-        embeds = self.pipe._encode_prompt(prompt, self.device, 1, cfg, negative_prompt)
-        # With guidance the pipeline returns [text, negative, negative].
-        result = (embeds[0:1], embeds[1:2]) if cfg else (embeds, None)
+        result = self.family.encode_prompt(prompt, negative_prompt, cfg)
         if self.options.text_embedding_cache_size:
             self._embeds[key] = result
             while len(self._embeds) > self.options.text_embedding_cache_size:
@@ -322,21 +342,4 @@ class EditEngine:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        vae = self.pipe.vae
-        scaled = latents / vae.config.scaling_factor
-        pixels = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
-        if not torch.isfinite(pixels).all():
-            # The SD VAE decoder's activations can overflow fp16 into inf/NaN, which becomes
-            # a black picture. Redo that decode in float32: slower, but always finite.
-            log.warning("fp16 VAE decode overflowed; decoding again in float32")
-            try:
-                pixels = vae.to(torch.float32).decode(scaled.float(), return_dict=False)[0]
-            finally:
-                # Also after a failure (float32 needs twice the memory): a VAE left in
-                # float32 would break every later job's fp16 encode.
-                vae.to(self.pipe.unet.dtype)
-        return self.pipe.image_processor.postprocess(pixels, output_type="pil")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        return self.family.decode(latents)

@@ -10,6 +10,7 @@ message finds it running or finished and does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -17,7 +18,15 @@ from datetime import datetime, timedelta
 
 import redis
 
-from services.common.jobs import FINISHED, JobNotFound, JobStatus, JobStore, utcnow
+from services.common.job_lifecycle import JobOperation, allows
+from services.common.jobs import (
+    FINISHED,
+    JobNotFound,
+    JobStatus,
+    JobStore,
+    TransitionRefused,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +47,24 @@ class JobReaper:
             try:
                 job = self.jobs.get(job_id)
             except JobNotFound:  # the record expired
-                self.jobs.forget(job_id)
+                self.jobs.expire(job_id)
                 continue
             if job.status in FINISHED:
-                self.jobs.forget(job_id)
+                self.jobs.expire(job_id)
                 continue
-            lapsed = job.lease_expires_at is not None and job.lease_expires_at <= now
-            if job.status == JobStatus.running and not lapsed:
+            if not allows(JobOperation.requeue, job, now):
                 continue  # its lease was renewed after the index was read
             log.warning(
                 "job %s is %s and overdue; sending it to the queue again",
                 job_id,
-                "running under a lapsed lease" if lapsed else job.status.value,
+                "queued" if job.status == JobStatus.queued else "running under a lapsed lease",
             )
+            # Sent first: if sending fails, the next sweep tries again.
             self.send(job_id)
-            # Not again before a worker had time to pick this message up.
-            self.jobs.postpone(job_id, now + self.grace)
+            # Not again before a worker had time to pick this message up (unless a worker
+            # claimed it meanwhile: then its lease is its deadline).
+            with contextlib.suppress(TransitionRefused, JobNotFound):
+                self.jobs.requeue(job_id, retry_at=now + self.grace, now=now)
             sent.append(job_id)
         return sent
 

@@ -3,6 +3,8 @@ a submission leaves nothing half-done: no input without a job, no job that waits
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 import redis
 from botocore.exceptions import EndpointConnectionError
@@ -11,7 +13,8 @@ from kombu.exceptions import OperationalError
 
 from services.api.deps import get_celery, get_job_store, get_storage
 from services.api.main import create_app
-from services.common.jobs import EditJob, EditParams, JobStatus, JobStore, utcnow
+from services.common.edit_params import EditParams
+from services.common.jobs import EditJob, JobStatus, JobStore
 from services.common.storage import StorageError
 from tests.api.test_edits import submit
 from tests.stack import free_port
@@ -113,8 +116,7 @@ def test_job_a_worker_took_although_publishing_failed_is_accepted(client):
 
     def worker_claims(job_id: str) -> None:
         # A worker gathering a batch from the pending index claims it before send fails.
-        store.transition(job_id, {JobStatus.queued}, status=JobStatus.running, started_at=utcnow())
-        store.remove_pending(store.get(job_id).batch_key, job_id)
+        store.claim(job_id, timedelta(seconds=60), queued_only=True)
 
     client.app.dependency_overrides[get_celery] = lambda: BrokerDown(before=worker_claims)
     response = submit(client)
@@ -129,7 +131,7 @@ def succeeded_job(jobs: JobStore) -> str:
     job = EditJob.new(EditParams(prompt="make it red"), "image/png", None, (64, 48))
     jobs.create(job)
     key = f"edits/{job.id}/a/output_0.png"
-    jobs.transition(job.id, {JobStatus.queued}, status=JobStatus.succeeded, output_keys=[key])
+    jobs.succeed(jobs.claim(job.id, timedelta(seconds=60)).job, [key])
     return job.id
 
 

@@ -2,11 +2,12 @@
 no trace."""
 
 import json
+from datetime import timedelta
 
 import pytest
 import redis
 
-from services.common.jobs import JobStatus
+from services.common.jobs import JobError, JobErrorCode, JobStatus
 from tests.common.test_images import mpo_bytes, png_header
 from tests.conftest import image_bytes
 
@@ -150,7 +151,12 @@ def test_cancel_queued_job_then_cancel_again_returns_it_again(client, settings):
 @pytest.mark.parametrize("ended", [JobStatus.succeeded, JobStatus.failed])
 def test_cancel_of_a_job_that_ended_otherwise_is_409(client, ended):
     job_id = submit(client).json()["id"]
-    client.app.state.jobs.transition(job_id, {JobStatus.queued}, status=ended)
+    jobs = client.app.state.jobs
+    claimed = jobs.claim(job_id, timedelta(seconds=60)).job
+    if ended == JobStatus.succeeded:
+        jobs.succeed(claimed, [])
+    else:
+        jobs.fail(claimed, JobError.of(JobErrorCode.internal_error))
     response = client.post(f"/v1/edits/{job_id}/cancel")
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "job_finished"

@@ -1,13 +1,15 @@
 """The job record in a real Redis: creation, compare-and-set transitions, expiry."""
 
+import contextlib
 import threading
+from datetime import timedelta
 
 import pytest
 import redis
 
+from services.common.edit_params import EditParams
 from services.common.jobs import (
     EditJob,
-    EditParams,
     JobNotFound,
     JobStatus,
     JobStore,
@@ -40,28 +42,28 @@ def test_unknown_job(store):
         store.get("nope")
 
 
-def test_transition_respects_allowed_states(store):
+LEASE = timedelta(seconds=60)
+
+
+def test_operations_respect_the_lifecycle(store):
     job = EditJob.new(EditParams(prompt="x"), "image/png")
     store.create(job)
-    store.transition(job.id, {JobStatus.queued}, status=JobStatus.canceled, finished_at=utcnow())
+    store.cancel(job.id)
     with pytest.raises(TransitionRefused) as info:
-        store.transition(job.id, {JobStatus.queued, JobStatus.running}, status=JobStatus.running)
+        store.claim(job.id, LEASE)
     assert info.value.job.status == JobStatus.canceled
 
 
-def _race(store, job_id, statuses):
+def _race(store, job_id, operations):
     results = []
-    barrier = threading.Barrier(len(statuses))
+    barrier = threading.Barrier(len(operations))
 
-    def attempt(status):
+    def attempt(operation):
         barrier.wait()
-        try:
-            store.transition(job_id, {JobStatus.queued}, status=status)
-            results.append(status)
-        except TransitionRefused:
-            pass
+        with contextlib.suppress(TransitionRefused):
+            results.append(operation(job_id).status)
 
-    threads = [threading.Thread(target=attempt, args=(s,)) for s in statuses]
+    threads = [threading.Thread(target=attempt, args=(o,)) for o in operations]
     for t in threads:
         t.start()
     for t in threads:
@@ -69,19 +71,30 @@ def _race(store, job_id, statuses):
     return results
 
 
-def test_racing_transitions_exactly_one_wins(store):
-    """A cancel and a worker start racing on one job: exactly one of them applies."""
+def test_racing_claims_exactly_one_wins(store):
+    """Two workers taking one queued job (its message, and a batch gathering it)."""
+
+    def claim(job_id):
+        return store.claim(job_id, LEASE, queued_only=True).job
+
     for _ in range(20):
         job = EditJob.new(EditParams(prompt="x"), "image/png")
         store.create(job)
-        results = _race(store, job.id, [JobStatus.running, JobStatus.canceled])
-        assert len(results) == 1
-        assert store.get(job.id).status == results[0]
+        assert len(_race(store, job.id, [claim, claim])) == 1
+
+
+def test_a_cancel_racing_a_worker_start_is_never_lost(store):
+    """Whichever comes first, the job ends canceled: before the claim it refuses the claim,
+    after it the worker stops at its next step."""
+    for _ in range(20):
+        job = EditJob.new(EditParams(prompt="x"), "image/png")
+        store.create(job)
+        results = _race(store, job.id, [lambda i: store.claim(i, LEASE).job, store.cancel])
+        assert JobStatus.canceled in results
+        assert store.get(job.id).status == JobStatus.canceled
 
 
 def test_unfinished_jobs_are_indexed_by_when_they_must_have_moved_on(redis_url):
-    from datetime import timedelta
-
     store = JobStore(redis.Redis.from_url(redis_url), ttl_s=120, redeliver_after_s=30)
     job = EditJob.new(EditParams(prompt="make it red"), "image/png")
     store.create(job)
@@ -89,23 +102,24 @@ def test_unfinished_jobs_are_indexed_by_when_they_must_have_moved_on(redis_url):
     assert store.overdue(job.created_at + timedelta(seconds=29)) == []
     assert store.overdue(job.created_at + timedelta(seconds=31)) == [job.id]
     # Running: due when its lease lapses.
-    lease = utcnow() + timedelta(seconds=300)
-    store.transition(job.id, {JobStatus.queued}, status=JobStatus.running, lease_expires_at=lease)
+    claimed = store.claim(job.id, timedelta(seconds=300)).job
+    lease = claimed.lease_expires_at
     assert store.overdue(lease - timedelta(seconds=1)) == []
     assert store.overdue(lease + timedelta(seconds=1)) == [job.id]
-    store.postpone(job.id, lease + timedelta(seconds=60))
-    assert store.overdue(lease + timedelta(seconds=1)) == []
-    # Finished: out of the index, and postponing does not bring it back.
-    store.transition(job.id, {JobStatus.running}, status=JobStatus.succeeded)
+    # Sent again by the reaper: not due again before its retry time.
+    lapsed = lease + timedelta(seconds=1)
+    store.requeue(job.id, retry_at=lease + timedelta(seconds=60), now=lapsed)
+    assert store.overdue(lapsed) == []
+    # Finished: out of the index, and requeueing does not bring it back.
+    store.succeed(claimed, [])
     far = lease + timedelta(days=1)
     assert store.overdue(far) == []
-    store.postpone(job.id, lease)
+    with pytest.raises(TransitionRefused):
+        store.requeue(job.id, retry_at=lease, now=far)
     assert store.overdue(far) == []
 
 
 def test_deleted_job_leaves_the_index(redis_url):
-    from datetime import timedelta
-
     store = JobStore(redis.Redis.from_url(redis_url), ttl_s=120, redeliver_after_s=1)
     job = EditJob.new(EditParams(prompt="make it red"), "image/png")
     store.create(job)

@@ -10,6 +10,7 @@ from services.common.workers import EngineInfo, EngineStatus, WorkerRegistry
 
 INFO = EngineInfo(
     model="timbrooks/instruct-pix2pix",
+    family="sd15",
     device="cuda:0",
     dtype="float16",
     attention="sdpa",

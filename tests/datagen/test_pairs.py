@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from services.common.diffusion import ModelUnavailable
 from services.datagen.pair_params import (
     PairParams,
     PairSampling,
@@ -15,7 +16,6 @@ from services.datagen.pair_params import (
     sample_pair_params,
 )
 from services.datagen.pair_pipeline import (
-    ModelUnavailable,
     PairGenerator,
     PairGeneratorConfig,
     load_text_to_image_pipeline,

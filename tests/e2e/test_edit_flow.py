@@ -99,6 +99,7 @@ def test_readiness_sees_the_worker(stack):
     # The engine is announced only once loaded and warmed up.
     (engine,) = ready["engines"]
     assert engine["model"] == stack.settings["model"]
+    assert engine["family"] == "sd15"
     assert (engine["device"], engine["dtype"], engine["attention"]) == ("cpu", "float32", "sdpa")
     assert engine["compiled"] is False and engine["max_batch"] == 8
 

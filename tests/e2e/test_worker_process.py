@@ -7,7 +7,8 @@ import signal
 import psutil
 import pytest
 
-from services.common.jobs import EditJob, EditParams, JobStore
+from services.common.edit_params import EditParams
+from services.common.jobs import EditJob, JobStore
 from services.common.storage import FileStorage
 from tests.conftest import image_bytes
 from tests.e2e.test_edit_flow import LONG, long_photo, submit

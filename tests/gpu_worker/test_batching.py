@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from services.common.edit_params import EditParams
 from services.common.images import to_model_input
-from services.common.jobs import EditParams
 from services.gpu_worker.engine import EditRequest, LeaveBatch
 
 

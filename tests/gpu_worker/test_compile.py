@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from services.common.jobs import EditParams
+from services.common.edit_params import EditParams
 from services.gpu_worker.engine import EditEngine, EditRequest, EngineOptions
 from tests.gpu_worker.test_engine import product_photo, reference
 

@@ -10,10 +10,12 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
+from services.common.edit_params import EditParams
 from services.common.images import decode_image, model_input_size, upright_size
 from services.common.jobs import (
     EditJob,
-    EditParams,
+    JobError,
+    JobErrorCode,
     JobStatus,
     JobStore,
     TransitionRefused,
@@ -50,6 +52,11 @@ def runner(engine, jobs, storage, **kw):
     return EditRunner(engine, jobs, storage, max_side=64, **kw)
 
 
+def lapse(jobs, claimed: EditJob) -> None:
+    """The worker holding `claimed` died: its lease ran out without renewal."""
+    jobs.renew_lease(claimed, timedelta(seconds=-1))
+
+
 def test_compatible_queued_jobs_join_one_batch(engine, jobs, storage):
     submitted = [submit(jobs, storage, seed=i) for i in range(4)]
     calls = []
@@ -82,7 +89,7 @@ def test_incompatible_and_canceled_jobs_are_not_gathered(engine, jobs, storage):
     other_steps = submit(jobs, storage, steps=3)
     other_size = submit(jobs, storage, size=(48, 64))
     canceled = submit(jobs, storage)
-    jobs.transition(canceled.id, {JobStatus.queued}, status=JobStatus.canceled)
+    jobs.cancel(canceled.id)
     results = runner(engine, jobs, storage, max_batch=8).handle(first.id)
     assert results == {first.id: JobStatus.succeeded}
     assert jobs.get(other_steps.id).status == JobStatus.queued
@@ -102,16 +109,13 @@ def test_one_bad_input_fails_only_its_job(engine, jobs, storage):
 
 def test_job_held_by_a_live_worker_is_deferred_until_its_lease_lapses(engine, jobs, storage):
     job = submit(jobs, storage)
-    lease_end = utcnow() + timedelta(seconds=30)
-    jobs.transition(
-        job.id, {JobStatus.queued}, status=JobStatus.running, lease_expires_at=lease_end
-    )
+    holder = jobs.claim(job.id, timedelta(seconds=30)).job
     outcome = runner(engine, jobs, storage).handle(job.id)
     assert isinstance(outcome, Deferred)
     assert 29 < outcome.seconds <= 31
 
     # The holder died: its lease lapsed without renewal.
-    jobs.transition(job.id, {JobStatus.running}, lease_expires_at=utcnow() - timedelta(seconds=1))
+    lapse(jobs, holder)
     assert runner(engine, jobs, storage).handle(job.id) == {job.id: JobStatus.succeeded}
 
 
@@ -126,14 +130,19 @@ def test_missing_engine_fails_jobs_with_its_reason(jobs, storage):
 def test_progress_renews_the_lease(engine, jobs, storage):
     job = submit(jobs, storage, steps=3)
     leases = []
-    original = jobs.transition
+    claim, report_progress = jobs.claim, jobs.report_progress
 
-    def spy(job_id, allowed, when=None, **changes):
-        if "progress" in changes and changes.get("lease_expires_at"):
-            leases.append(changes["lease_expires_at"])
-        return original(job_id, allowed, when, **changes)
+    def claim_spy(*args, **kwargs):
+        claimed = claim(*args, **kwargs)
+        leases.append(claimed.job.lease_expires_at)
+        return claimed
 
-    jobs.transition = spy
+    def progress_spy(*args, **kwargs):
+        job = report_progress(*args, **kwargs)
+        leases.append(job.lease_expires_at)
+        return job
+
+    jobs.claim, jobs.report_progress = claim_spy, progress_spy
     runner(engine, jobs, storage, lease_s=10).handle(job.id)
     assert len(leases) == 1 + 3  # the claim, then every step
     assert leases == sorted(leases)
@@ -177,7 +186,7 @@ def test_a_worker_that_lost_its_claim_publishes_nothing(engine, jobs, storage):
     job = submit(jobs, storage)
     stale_runner = runner(engine, jobs, storage)
     stale = stale_runner._claim(job.id)  # worker A claims, then stalls past its lease
-    jobs.transition(job.id, {JobStatus.running}, lease_expires_at=utcnow() - timedelta(seconds=1))
+    lapse(jobs, stale)
     assert runner(engine, jobs, storage).handle(job.id) == {job.id: JobStatus.succeeded}
     done = jobs.get(job.id)
     assert done.lease_owner != stale.lease_owner
@@ -187,7 +196,8 @@ def test_a_worker_that_lost_its_claim_publishes_nothing(engine, jobs, storage):
     with pytest.raises(ClaimLost):
         stale_runner._progress_reporter(stale)(1, 2)
     assert stale_runner._record_outcome(stale, [image], 0.1) is None
-    assert stale_runner._fail(stale, "internal_error", "late") is None
+    late = JobError.of(JobErrorCode.internal_error, "late")
+    assert stale_runner._fail(stale, late) is None
     after = jobs.get(job.id)
     assert after.status == JobStatus.succeeded and after.output_keys == done.output_keys
     # A's outputs went under its own claim's keys and were deleted; B's are intact.
@@ -199,9 +209,7 @@ def test_canceled_while_writing_outputs_leaves_no_files(engine, jobs, storage):
 
     def cancel_first(key):
         with contextlib.suppress(TransitionRefused):  # as the API does
-            jobs.transition(
-                job.id, {JobStatus.queued, JobStatus.running}, status=JobStatus.canceled
-            )
+            jobs.cancel(job.id)
 
     results = runner(engine, jobs, SlowStorage(storage, cancel_first)).handle(job.id)
     assert results == {job.id: JobStatus.canceled}

@@ -6,7 +6,7 @@ import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
 from PIL import Image
 
-from services.common.jobs import EditParams
+from services.common.edit_params import EditParams
 
 
 def reference(model_dir, image, params):
@@ -143,3 +143,23 @@ def test_failed_float32_redecode_leaves_the_vae_in_its_serving_dtype(tiny_model_
     params = EditParams(prompt="make it red", num_inference_steps=2, seed=1)
     (image,) = engine.predict(product_photo(), params)  # the next job still works
     assert image.size == (64, 48)
+
+
+def test_engine_options_are_the_settings_of_the_same_names():
+    from services.common.settings import Settings
+    from services.gpu_worker.engine import EngineOptions
+
+    assert set(EngineOptions.model_fields) <= set(Settings.model_fields)
+    settings = Settings(
+        device="cpu",
+        max_batch=3,
+        compile_unet=True,
+        compile_mode="max-autotune",
+        attention_slicing=True,
+        vae_tiling=True,
+        text_embedding_cache_size=7,
+    )
+    options = EngineOptions.from_settings(settings, device="cuda:1")
+    for name in EngineOptions.model_fields:
+        expected = "cuda:1" if name == "device" else getattr(settings, name)
+        assert getattr(options, name) == expected, name

@@ -12,13 +12,15 @@ from datetime import timedelta
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.jobs import EditJob, EditParams, JobError, JobStatus, Progress, utcnow
+from services.common.edit_params import EditParams
+from services.common.jobs import EditJob, JobError, JobStatus, Progress, utcnow
 from services.gpu_worker import metrics
 from tests.stack import ROOT, free_port, service_env
 
 JOB_HELPER = """
 from datetime import timedelta
-from services.common.jobs import EditJob, EditParams, JobError, JobStatus, Progress, utcnow
+from services.common.jobs import EditJob, JobError, JobStatus, Progress, utcnow
+from services.common.edit_params import EditParams
 
 def job(status, step=10, code=None, waited=3.0, ran=1.0):
     now = utcnow()

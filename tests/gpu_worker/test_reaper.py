@@ -6,7 +6,8 @@ from datetime import timedelta
 import pytest
 import redis
 
-from services.common.jobs import EditJob, EditParams, JobStatus, JobStore, utcnow
+from services.common.edit_params import EditParams
+from services.common.jobs import EditJob, JobStore, utcnow
 from services.gpu_worker.reaper import JobReaper
 
 
@@ -36,17 +37,15 @@ def test_a_job_queued_too_long_is_sent_again_once_per_grace_period(jobs):
 def test_running_jobs_are_sent_again_only_when_their_lease_lapsed(jobs):
     live, dead = accepted(jobs), accepted(jobs)
     now = utcnow()
-    for job, lease in ((live, now + timedelta(seconds=600)), (dead, now + timedelta(seconds=5))):
-        jobs.transition(
-            job.id, {JobStatus.queued}, status=JobStatus.running, lease_expires_at=lease
-        )
+    jobs.claim(live.id, timedelta(seconds=600))
+    jobs.claim(dead.id, timedelta(seconds=5))
     sent = []
     assert JobReaper(jobs, sent.append, 60).sweep(now + timedelta(seconds=90)) == [dead.id]
 
 
 def test_finished_and_expired_jobs_leave_the_index(jobs):
     finished, expired = accepted(jobs), accepted(jobs)
-    jobs.transition(finished.id, {JobStatus.queued}, status=JobStatus.canceled)
+    jobs.cancel(finished.id)
     jobs.redis.delete(f"instructedit:job:{expired.id}")  # its TTL ran out
     far = utcnow() + timedelta(days=1)
     sent = []

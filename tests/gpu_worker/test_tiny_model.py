@@ -47,3 +47,30 @@ def test_tokenizer_is_byte_level(tiny_model_dir):
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
     assert tok.unk_token_id not in ids[1:-1]
     assert tok.decode(ids, skip_special_tokens=True) == "print a logo"
+
+
+def test_sdxl_layout_matches_the_real_checkpoint(tiny_sdxl_dir):
+    import json
+
+    root = Path(tiny_sdxl_dir)
+    index = json.loads((root / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLInstructPix2PixPipeline"
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    unet = json.loads((root / "unet" / "config.json").read_text())
+    assert unet["in_channels"] == 8
+    assert unet["addition_embed_type"] == "text_time"
+    assert set(digest(root)) == {
+        "text_encoder/model.safetensors",
+        "text_encoder_2/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    }
+
+
+def test_command_line_writes_either_family(tmp_path, capsys):
+    main([str(tmp_path / "xl"), "--family", "sdxl"])
+    assert "tiny sdxl InstructPix2Pix" in capsys.readouterr().out
+    assert (
+        '"StableDiffusionXLInstructPix2PixPipeline"'
+        in (tmp_path / "xl" / "model_index.json").read_text()
+    )

@@ -2,40 +2,21 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from typing import Annotated
 
-import redis
-from celery import Celery
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile, status
-from pydantic import ValidationError
 
 from services.api.deps import CeleryDep, JobStoreDep, SettingsDep, StorageDep
-from services.api.errors import (
-    APIError,
-    ErrorResponse,
-    job_store_unavailable,
-    queue_unavailable,
-)
+from services.api.errors import APIError, ErrorResponse
 from services.api.metrics import JOBS_SUBMITTED
 from services.api.schemas import EditJobResponse
+from services.api.submission import submit_job
 from services.api.uploads import check_image, read_limited
+from services.common.edit_params import EditParams
 from services.common.images import model_input_size, upright_size
-from services.common.jobs import (
-    EditJob,
-    EditParams,
-    JobError,
-    JobNotFound,
-    JobStatus,
-    JobStore,
-    TransitionRefused,
-    utcnow,
-)
-from services.common.queues import enqueue_edit
-from services.common.storage import ObjectNotFound, Storage
+from services.common.jobs import EditJob, JobNotFound, JobStatus, TransitionRefused
+from services.common.storage import ObjectNotFound
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/edits", tags=["edits"])
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (404, 409, 413, 415, 422, 503)}
@@ -63,68 +44,6 @@ def _respond(job, request, storage, settings) -> EditJobResponse:
     return EditJobResponse.from_job(job, _output_urls(job, request, storage, settings))
 
 
-def _accept(job: EditJob, data: bytes, jobs: JobStore, storage: Storage, celery: Celery) -> EditJob:
-    """Store the input, record the job, index it as pending and queue it; the job as it
-    now stands.
-
-    A failing step undoes what the ones before it did, so that a client told 503 leaves
-    behind neither an input no job points at nor a job that may still run (unless Redis
-    fails for the undoing too).
-    """
-    # Nothing to undo yet if this fails: the StorageError handler answers 503.
-    storage.put(job.input_key, data, job.input_content_type)
-    try:
-        jobs.create(job)
-    except redis.RedisError as exc:
-        log.error("recording job %s failed: %r", job.id, exc)
-        # A write that timed out may still have landed; the record must not outlive its input.
-        _quietly(f"deleting record of job {job.id}", jobs.delete, job.id)
-        _quietly(f"deleting input of job {job.id}", storage.delete, job.input_key)
-        raise job_store_unavailable() from None
-    try:
-        jobs.add_pending(job)
-        enqueue_edit(celery, job.id)
-    except Exception as exc:
-        log.error("enqueueing job %s failed: %r", job.id, exc)
-        return _fail_unqueued(job, jobs)
-    return job
-
-
-def _fail_unqueued(job: EditJob, jobs: JobStore) -> EditJob:
-    """End a job whose queueing failed, unless a worker got to it anyway.
-
-    Workers also gather queued jobs from the pending index, so the job may already be
-    running with another job's message: then it is accepted after all.
-    """
-    try:
-        failed = jobs.transition(
-            job.id,
-            {JobStatus.queued},
-            status=JobStatus.failed,
-            error=JobError(code="enqueue_failed", message="the job could not be queued"),
-            finished_at=utcnow(),
-        )
-    except TransitionRefused as refused:
-        log.info("job %s was taken by a worker although queueing it failed", job.id)
-        return refused.job
-    except (JobNotFound, redis.RedisError) as exc:
-        # Redis is gone too, so nothing more can be undone from here.
-        log.error("marking unqueued job %s failed did not work: %r", job.id, exc)
-        raise queue_unavailable() from None
-    _quietly(
-        f"removing pending entry of job {job.id}", jobs.remove_pending, failed.batch_key, job.id
-    )
-    raise queue_unavailable()
-
-
-def _quietly(what: str, fn: Callable[..., object], *args: object) -> None:
-    """Best-effort cleanup on a path that already failed: its own failure is only logged."""
-    try:
-        fn(*args)
-    except Exception as exc:
-        log.error("%s failed: %r", what, exc)
-
-
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
@@ -140,39 +59,16 @@ def submit_edit(
     storage: StorageDep,
     celery: CeleryDep,
     image: Annotated[UploadFile, File(description="Product photo: JPEG, PNG or WebP")],
-    prompt: Annotated[str, Form(description="The edit instruction")],
-    num_inference_steps: Annotated[int, Form()] = 20,
-    guidance_scale: Annotated[float, Form(description="Text guidance S_T")] = 7.5,
-    image_guidance_scale: Annotated[float, Form(description="Image guidance S_I")] = 1.5,
-    seed: Annotated[int | None, Form(description="Random when absent")] = None,
-    num_outputs: Annotated[int, Form()] = 1,
-    negative_prompt: Annotated[str | None, Form()] = None,
+    # Every other form field, with its bounds, default and description, is a field of
+    # EditParams: FastAPI reads the model as the form and validates it (422 invalid_<field>).
+    params: Annotated[EditParams, Form()],
 ) -> EditJobResponse:
-    prompt = prompt.strip()
-    negative_prompt = (negative_prompt or "").strip() or None
-    fields = {
-        "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale,
-        "image_guidance_scale": image_guidance_scale,
-        "num_outputs": num_outputs,
-    }
-    if seed is not None:
-        fields["seed"] = seed
-    try:
-        params = EditParams(**fields)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise APIError(422, f"invalid_{field}", f"{field}: {err['msg']}") from None
-
     data = read_limited(image, settings.max_upload_bytes)
     decoded = check_image(data)
 
     size = model_input_size(*upright_size(decoded.image), settings.max_side)
     job = EditJob.new(params, decoded.content_type, request.state.request_id, size)
-    job = _accept(job, data, jobs, storage, celery)
+    job = submit_job(job, data, jobs, storage, celery)
     JOBS_SUBMITTED.inc()
     response.headers["Location"] = f"/v1/edits/{job.id}"
     return _respond(job, request, storage, settings)
@@ -212,16 +108,8 @@ def get_output(job_id: str, index: int, jobs: JobStoreDep, storage: StorageDep) 
 def cancel_edit(
     job_id: str, request: Request, jobs: JobStoreDep, storage: StorageDep, settings: SettingsDep
 ) -> EditJobResponse:
-    _load(jobs, job_id)
     try:
-        # A queued job is skipped when a worker takes it; a running one stops at its next
-        # denoising step, when the worker sees this status.
-        job = jobs.transition(
-            job_id,
-            {JobStatus.queued, JobStatus.running},
-            status=JobStatus.canceled,
-            finished_at=utcnow(),
-        )
+        job = jobs.cancel(job_id)
     except TransitionRefused as refused:
         if refused.job.status != JobStatus.canceled:
             raise APIError(
@@ -232,5 +120,4 @@ def cancel_edit(
         job = refused.job
     except JobNotFound:
         raise APIError(404, "job_not_found", f"no edit job with id {job_id!r}") from None
-    jobs.remove_pending(job.batch_key, job.id)
     return _respond(job, request, storage, settings)

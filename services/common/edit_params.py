@@ -1,0 +1,122 @@
+"""Every parameter of an edit job, declared once.
+
+`EditParams` is the single declaration of each parameter's type, bounds, default and
+description. Everything else derives from it: the POST /v1/edits form fields (FastAPI
+reads the model as the form), the OpenAPI schema and /docs, validation with its 422
+codes, the job record, the worker (which reads the params off the record) and the
+README's parameter table (tests/common/test_edit_params.py checks it against
+`markdown_rows()`; `python -m services.common.edit_params` prints them).
+
+Adding a parameter: a field here (and, if jobs may only share a UNet batch when it is
+equal, its name in BATCH_FIELDS), what the engine does with it, and its README row.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from pydantic import BaseModel, Field, field_validator
+
+SEED_MAX = 2**32 - 1
+
+
+class EditParams(BaseModel):
+    prompt: str = Field(min_length=1, max_length=500, description="the edit instruction")
+    negative_prompt: str | None = Field(None, max_length=500, description="what to steer away from")
+    num_inference_steps: int = Field(20, ge=1, le=100, description="denoising steps")
+    guidance_scale: float = Field(
+        7.5, ge=0.0, le=30.0, description="text guidance S_T: how closely to follow the prompt"
+    )
+    image_guidance_scale: float = Field(
+        1.5, ge=0.0, le=10.0, description="image guidance S_I: how closely to keep the photo"
+    )
+    seed: int = Field(
+        default_factory=lambda: secrets.randbelow(SEED_MAX + 1),
+        ge=0,
+        le=SEED_MAX,
+        description="random when absent; the seed used is always reported in `params`",
+    )
+    num_outputs: int = Field(1, ge=1, le=4, description="variations of the edit")
+
+    @field_validator("prompt", "negative_prompt", mode="before")
+    @classmethod
+    def _strip(cls, value: object) -> object:
+        # Whitespace around an instruction is noise; a blank negative prompt is none.
+        if isinstance(value, str):
+            value = value.strip()
+        return value
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+
+# Parameters that shape the shared denoising loop: jobs may run in one UNet batch only when
+# these are equal (and their model input size and guidance mode, see batch_key).
+BATCH_FIELDS = ("num_inference_steps",)
+
+
+def uses_guidance(params: EditParams) -> bool:
+    """InstructPix2Pix runs its three guidance branches only above these scales (the
+    pipeline's own rule); below, the text branch alone."""
+    return params.guidance_scale > 1.0 and params.image_guidance_scale >= 1.0
+
+
+def batch_key(size: tuple[int, int], params: EditParams) -> str:
+    """Jobs with equal keys can share one UNet call per step: same latent shape, same
+    timesteps, same branch layout. Prompts, seeds, scales and output counts may differ."""
+    mode = "cfg" if uses_guidance(params) else "text"
+    shared = (str(getattr(params, name)) for name in BATCH_FIELDS)
+    return ":".join([f"{size[0]}x{size[1]}", *shared, mode])
+
+
+# -- the README's parameter table ----------------------------------------------------------
+
+
+def markdown_rows() -> list[str]:
+    """One README table row per parameter: name, default, description and bounds."""
+    rows = []
+    for name, field in EditParams.model_fields.items():
+        rows.append(f"| `{name}` | {_default(field)} | {_meaning(field)} |")
+    return rows
+
+
+def _default(field) -> str:
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        return "random"
+    if field.default is None:
+        return "none"
+    return str(getattr(field.default, "value", field.default))
+
+
+def _meaning(field) -> str:
+    bounds = _bounds(field)
+    return f"{field.description}, {bounds}" if bounds else field.description
+
+
+# Ranges read "1\u2013100", with an en dash, as in the README.
+_TO = "\u2013"
+
+
+def _bounds(field) -> str:
+    limits: dict[str, object] = {}
+    for item in field.metadata:
+        for name in ("ge", "le", "min_length", "max_length"):
+            value = getattr(item, name, None)
+            if value is not None:
+                limits[name] = value
+    if "min_length" in limits:
+        return f"{limits['min_length']}{_TO}{limits['max_length']} characters"
+    if "max_length" in limits:
+        return f"at most {limits['max_length']} characters"
+    if "ge" in limits and "le" in limits:
+        high = "2^32-1" if limits["le"] == SEED_MAX else f"{limits['le']:g}"
+        return f"{limits['ge']:g}{_TO}{high}"
+    return ""
+
+
+if __name__ == "__main__":
+    print("\n".join(markdown_rows()))

@@ -1,0 +1,109 @@
+"""The seam between the batching engine and a model: what a model family must do.
+
+The engine (services/gpu_worker/engine.py) owns everything that does not depend on the
+model: gathering jobs into one UNet batch, each job's seed, scheduler and guidance scales,
+the three-branch InstructPix2Pix guidance, progress, cancel and out-of-memory handling. A
+family owns what does: encoding the prompt and the image, one UNet call with the
+conditioning its UNet takes, and decoding latents to pictures.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """One prompt's conditioning of the UNet, batch dimension first: the text encoder's
+    hidden states and, for families that use one (SDXL), a pooled embedding."""
+
+    hidden_states: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def repeat(self, n: int) -> TextConditioning:
+        return TextConditioning(
+            self.hidden_states.repeat(n, 1, 1),
+            None if self.pooled is None else self.pooled.repeat(n, 1),
+        )
+
+    @staticmethod
+    def cat(items: list[TextConditioning]) -> TextConditioning:
+        pooled = [item.pooled for item in items]
+        return TextConditioning(
+            torch.cat([item.hidden_states for item in items]),
+            None if pooled[0] is None else torch.cat(pooled),
+        )
+
+
+class ModelFamily(ABC):
+    """One kind of InstructPix2Pix model, wrapping its loaded diffusers pipeline."""
+
+    # Short name reported by /readyz ("sd15", "sdxl").
+    name: ClassVar[str]
+    # The diffusers pipeline class a model directory's model_index.json names.
+    pipeline_class_name: ClassVar[str]
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        # Set by the engine when the UNet is compiled: every UNet input gets a symbolic
+        # batch dimension, so new batch sizes do not recompile.
+        self.dynamic_batch = False
+
+    @classmethod
+    @abstractmethod
+    def load(cls, model: str, dtype: torch.dtype):
+        """The family's diffusers pipeline from a local directory or Hub id, for serving."""
+
+    def check(self) -> None:  # noqa: B027 - optional hook
+        """Raise ModelUnavailable if the loaded components cannot work together."""
+
+    @abstractmethod
+    def encode_prompt(
+        self, prompt: str, negative_prompt: str | None, guided: bool
+    ) -> tuple[TextConditioning, TextConditioning | None]:
+        """(prompt, negative) conditioning with batch size 1; negative is None unguided."""
+
+    @abstractmethod
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        """The latents InstructPix2Pix conditions on, for an RGB image whose sides are
+        multiples of 8; batch size 1."""
+
+    @abstractmethod
+    def predict_noise(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        text: TextConditioning,
+        size: tuple[int, int],
+    ) -> torch.Tensor:
+        """One UNet call on `sample` (noisy latents and image latents, concatenated on the
+        channels), every sample with its row of `text`; `size` is the images' (w, h)."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Pictures of denoised latents."""
+
+    # -- shared by the families ---------------------------------------------------------
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.device
+
+    def _mark_dynamic(self, *tensors: torch.Tensor | None) -> None:
+        if self.dynamic_batch:
+            for tensor in tensors:
+                if tensor is not None:
+                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
