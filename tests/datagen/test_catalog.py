@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import re
+from importlib import resources
 
 import pytest
 import yaml
 
-from services.datagen.text import EDIT_TYPES, CatalogError, indefinite_article, load_catalog
-from services.datagen.text.catalog import ATTRIBUTE_SLOTS
+from services.datagen.text import (
+    EDIT_TYPES,
+    CatalogError,
+    indefinite_article,
+    load_catalog,
+    synthesize,
+)
+from services.datagen.text.catalog import ATTRIBUTE_SLOTS, _load_directory
+from services.datagen.text.edits import EditContext
 
 from .conftest import tiny_category, tiny_common, write_catalog
 
@@ -81,6 +89,11 @@ def _catalog_phrases(catalog):
             yield cue.phrase
             yield cue.name
             yield from cue.instructions
+    for wording in catalog.edit_wordings.values():
+        yield from wording.instructions
+        for by_value in wording.when.values():
+            for templates in by_value.values():
+                yield from templates
     for category in catalog.categories:
         yield from category.surfaces
         yield from category.places
@@ -149,7 +162,7 @@ def test_broken_category_files_are_refused(tmp_path, change, message):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda c: c["views"][0].update(instructions=["show {thing}"]), "unknown fields"),
+        (lambda c: c["views"][0].update(instructions=["show {thing}"]), "unknown placeholders"),
         (lambda c: c["views"][0].update(instructions=["show {it"]), "bad template"),
         (lambda c: c.pop("logos"), "missing"),
         (lambda c: c.update(mediums="sketch"), "non-empty list"),
@@ -179,3 +192,109 @@ def test_a_directory_without_common_is_refused(tmp_path):
     (tmp_path / "mugs.yaml").write_text(yaml.safe_dump(tiny_category()))
     with pytest.raises(CatalogError, match=r"no common\.yaml"):
         load_catalog(tmp_path)
+
+
+# --- edits.yaml: the edit types' wordings ----------------------------------------
+
+
+def _packaged_edits() -> dict:
+    path = resources.files("services.datagen") / "catalog" / "edits.yaml"
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _with_edits(tmp_path, edits: dict):
+    write_catalog(tmp_path)
+    (tmp_path / "edits.yaml").write_text(yaml.safe_dump(edits))
+    return tmp_path
+
+
+def test_every_worded_edit_type_has_a_wording_and_cue_worded_ones_none(catalog):
+    for edit in EDIT_TYPES:
+        assert (edit.name in catalog.edit_wordings) != edit.by_cues, edit.name
+
+
+def test_lettering_wordings_are_keyed_by_known_methods(catalog):
+    # `when` values are free text to the loader; a misspelled method would never match.
+    for wording in catalog.edit_wordings.values():
+        for value in wording.when.get("method", {}):
+            assert value in catalog.graphic_methods, value
+
+
+def test_edit_types_fill_in_exactly_the_placeholders_they_declare(catalog, monkeypatch):
+    passed: dict[str, set[str]] = {}
+    owner = {id(wording): name for name, wording in catalog.edit_wordings.items()}
+    edit = EditContext.edit
+
+    def recording_edit(self, changes, wording, **words):
+        passed.setdefault(owner[id(wording)], set()).update(words)
+        return edit(self, changes, wording, **words)
+
+    monkeypatch.setattr(EditContext, "edit", recording_edit)
+    for _ in synthesize(3000, seed=0, catalog=catalog):
+        pass
+    declared = {e.name: set(e.placeholders) for e in EDIT_TYPES if not e.by_cues}
+    assert passed == declared
+
+
+def test_a_catalog_without_edits_yaml_uses_the_packaged_wordings(tiny_catalog, catalog):
+    assert tiny_catalog.edit_wordings is catalog.edit_wordings
+
+
+def test_a_catalog_with_its_own_edits_yaml_uses_it(tmp_path):
+    edits = _packaged_edits()
+    edits["color_change"] = {"instructions": ["paint {it} {new}, please"]}
+    tiny = load_catalog(_with_edits(tmp_path, edits))
+    assert tiny.category_names == ("mugs",)  # edits.yaml is no category
+    recolored = [row for row in synthesize(200, 0, tiny) if row.edit_type == "color_change"]
+    assert recolored
+    for row in recolored:
+        it = "them" if row.input_slots["unit"] else "it"
+        assert row.instruction == f"paint {it} {row.output_slots['color']}, please"
+
+
+def test_the_packaged_catalog_needs_its_edits_yaml(tmp_path):
+    with pytest.raises(CatalogError, match=r"no edits\.yaml"):
+        _load_directory(write_catalog(tmp_path), packaged=True)
+
+
+def _variant(edits: dict) -> dict:
+    return edits["color_shade"]["variants"][0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda e: e.pop("color_change"), r"edits\.yaml: color_change: missing"),
+        (lambda e: e.update(colour_change=e["color_change"]), "colour_change: unknown edit type"),
+        (lambda e: e.update(weather_change=e["color_change"]), "worded by the instructions"),
+        (lambda e: e.update(color_change=["make {it} {new}"]), "expected a mapping"),
+        (lambda e: e["color_change"].pop("instructions"), "instructions: missing"),
+        (lambda e: e["color_change"].update(instructions=[]), "non-empty list"),
+        (lambda e: e["color_change"].update(wordings=["x"]), "color_change.wordings: unknown key"),
+        (lambda e: e["color_change"].update(variants=[]), "color_change.variants: unknown key"),
+        (
+            lambda e: e["color_change"]["instructions"].append("make {it} {colour}"),
+            r"color_change\.instructions\[8\]: 'make \{it\} \{colour\}' uses unknown "
+            r"placeholders \['colour'\]; it may use \['a_new', 'it', 'it_looks'",
+        ),
+        (lambda e: e["aging"]["instructions"].append("make {it} {old}"), "unknown placeholders"),
+        (lambda e: e["aging"]["instructions"].append("make {it} {}"), r"placeholders \[''\]"),
+        (lambda e: e["aging"]["instructions"].append("make {it"), "bad template"),
+        (lambda e: e["aging"]["instructions"].append("make {it!x}"), "bad template"),
+        (lambda e: e["aging"]["instructions"].append("make {it:d}"), "bad template"),
+        (lambda e: e["aging"]["instructions"].append("make it  new"), "stray spaces"),
+        (lambda e: e["text_print"]["when"].update(colour={}), "when.colour: unknown placeholder"),
+        (
+            lambda e: e["text_print"]["when"]["method"].update(paint=["write {txt}"]),
+            r"text_print\.when\.method\.paint\[0\]: .* unknown placeholders \['txt'\]",
+        ),
+        (lambda e: e["color_shade"].pop("variants"), r"color_shade\.variants: missing"),
+        (lambda e: _variant(e).pop("verb"), r"color_shade\.variants\[0\]\.verb: missing"),
+        (lambda e: _variant(e).update(noun="x"), r"variants\[0\]\.noun: unknown key"),
+    ],
+)
+def test_broken_edits_files_are_refused(tmp_path, change, message):
+    edits = _packaged_edits()
+    change(edits)
+    with pytest.raises(CatalogError, match=message):
+        load_catalog(_with_edits(tmp_path, edits))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from importlib import resources
 
 import boto3
 import numpy as np
@@ -18,6 +19,7 @@ from services.datagen.dataset_export import (
     SCORE_COLUMNS,
     DatasetWriter,
     arrow_schema,
+    card_template_parts,
     dataset_card,
     export_dataset,
 )
@@ -186,6 +188,31 @@ def test_dataset_card_has_a_yaml_header_and_counts(tmp_path):
     assert "| `color_change` | 4 | 2 |" in card
     assert "| **total** | 12 | 6 |" in card
     assert "| `num_inference_steps` | `3` |" in card
+
+
+def _card_template_text() -> str:
+    source = resources.files("services.datagen") / "templates" / "dataset_card.md"
+    return source.read_text(encoding="utf-8")
+
+
+def test_the_card_template_keeps_its_wording_out_of_the_code():
+    parts = card_template_parts(_card_template_text())
+    assert parts["no_clip_scores_note"].template == "No CLIP filter was applied."
+    assert parts["card"].template.startswith("---\n$header\n---\n\n# $pretty_name\n")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.replace("<!-- part: total_row -->", "<!-- part: sum_row -->"), "parts"),
+        (lambda t: t.replace("$pretty_name", "$title"), r"unknown placeholder \['title'\]"),
+        (lambda t: t.replace("Parquet shard(s)", "Parquet $ shard(s)"), "write \\$\\$"),
+        (lambda t: t.replace("| `$name` | `$value` |", "| `$name` | `$pairs` |"), "'pairs'"),
+    ],
+)
+def test_a_broken_card_template_is_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        card_template_parts(change(_card_template_text()))
 
 
 def test_a_new_export_replaces_the_shards_of_the_last_one(tmp_path):

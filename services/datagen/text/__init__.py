@@ -2,9 +2,9 @@
 
 The hard-coded, model-free text stage of the dataset generator (paper section
 IV-A). A hand-written catalog (``services/datagen/catalog/*.yaml``) says
-which words fit which product; captions are rendered from slots; edit types
-change slots and word an instruction; the synthesizer schedules, samples and
-de-duplicates rows.
+which words fit which product and how each edit is worded (``edits.yaml``);
+captions are rendered from slots; edit types change slots and word an
+instruction; the synthesizer schedules, samples and de-duplicates rows.
 
     from services.datagen.text import synthesize
     for row in synthesize(rows=3000, seed=0):

@@ -6,6 +6,10 @@ that product ("make it leather" never reaches a smartphone screen unless the
 smartphone's materials say so). Everything is checked at load time, so a typo
 in a data file fails loudly with its file and key instead of leaking odd
 captions into a dataset.
+
+Beside the vocabulary (``common.yaml``) and the categories (one file each),
+``edits.yaml`` words the edit types' instructions; the edit types in
+``edits.py`` declare which entries and placeholders it must have.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = [
     "CatalogError",
     "Category",
     "Cue",
+    "EditWording",
     "Product",
     "load_catalog",
 ]
@@ -35,9 +40,12 @@ __all__ = [
 ATTRIBUTE_SLOTS = ("condition", "style", "texture", "color", "pattern", "material")
 UNITS = ("", "pair", "set")
 COMMON_FILE = "common.yaml"
-# The only names instruction templates may use; everything else is literal text.
+EDITS_FILE = "edits.yaml"
+# Files beside the category files that are not categories.
+_SHARED_FILES = (COMMON_FILE, EDITS_FILE)
+# Placeholders for the product that every instruction template may use; an
+# edit type's own templates may also use the placeholders it declares.
 TEMPLATE_FIELDS = frozenset({"it", "its", "noun", "it_looks"})
-_SAMPLE_FIELDS = {"it": "it", "its": "its", "noun": "hoodie", "it_looks": "it looks"}
 # input_odds keys; each group is a set of alternatives whose odds add up to
 # at most 1 (exactly 1 where a caption must have one of them).
 _ODDS_GROUPS = (
@@ -74,6 +82,24 @@ class Cue:
     phrase: str
     name: str = ""
     instructions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EditWording:
+    """How one edit type words its instruction: its entry in ``edits.yaml``."""
+
+    instructions: tuple[str, ...]
+    # placeholder -> one of its values -> templates that also fit that value.
+    when: Mapping[str, Mapping[str, tuple[str, ...]]]
+    # Word sets the edit type draws one of per row (``color_shade``: dark/light).
+    variants: tuple[Mapping[str, str], ...]
+
+    def templates(self, words: Mapping[str, str]) -> tuple[str, ...]:
+        """The templates that fit an edit with these placeholder values."""
+        templates = self.instructions
+        for placeholder, extra in self.when.items():
+            templates += extra.get(words[placeholder], ())
+        return templates
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +150,9 @@ class Catalog:
     plain_background: str
     # How often a sampled input carries each optional part; see common.yaml.
     input_odds: Mapping[str, float]
+    # edit type -> its wording (edits.yaml); none for the edit types whose
+    # values bring their own (weather, views, filters, decors).
+    edit_wordings: Mapping[str, EditWording]
 
     def category(self, name: str) -> Category:
         for category in self.categories:
@@ -150,10 +179,10 @@ def load_catalog(directory: str | Path | None = None) -> Catalog:
 @functools.cache
 def _packaged_catalog() -> Catalog:
     with resources.as_file(resources.files("services.datagen") / "catalog") as path:
-        return _load_directory(path)
+        return _load_directory(path, packaged=True)
 
 
-def _load_directory(directory: Path) -> Catalog:
+def _load_directory(directory: Path, *, packaged: bool = False) -> Catalog:
     common_path = directory / COMMON_FILE
     if not common_path.is_file():
         raise CatalogError(f"{directory}: no {COMMON_FILE}")
@@ -165,7 +194,7 @@ def _load_directory(directory: Path) -> Catalog:
     if plain_background in shared_backgrounds:
         raise CatalogError(f"{common_path}: plain_background is also a regular background")
 
-    category_paths = sorted(p for p in directory.glob("*.yaml") if p.name != COMMON_FILE)
+    category_paths = sorted(p for p in directory.glob("*.yaml") if p.name not in _SHARED_FILES)
     if not category_paths:
         raise CatalogError(f"{directory}: no category files beside {COMMON_FILE}")
     categories = tuple(
@@ -191,7 +220,49 @@ def _load_directory(directory: Path) -> Catalog:
         shadeable_colors=frozenset(common.strings("shadeable_colors")),
         plain_background=plain_background,
         input_odds=common.odds("input_odds"),
+        edit_wordings=_edit_wordings(directory, packaged),
     )
+
+
+def _edit_wordings(directory: Path, packaged: bool) -> Mapping[str, EditWording]:
+    path = directory / EDITS_FILE
+    if path.is_file():
+        return _load_edit_wordings(path)
+    if packaged:
+        raise CatalogError(f"{directory}: no {EDITS_FILE}")
+    # The wordings follow the code's edit types, not the products: a catalog
+    # of other products need not copy them.
+    return _packaged_catalog().edit_wordings
+
+
+def _load_edit_wordings(path: Path) -> Mapping[str, EditWording]:
+    # The edit types decide which entries exist and which placeholders each may
+    # use. Imported here, not at the top: edits.py builds on this module's types.
+    from .edits import EDIT_TYPES
+
+    reader = _Reader(path, _read_yaml(path))
+    reader.reject_unknown(tuple(edit.name for edit in EDIT_TYPES), what="edit type")
+    wordings = {}
+    for edit in EDIT_TYPES:
+        if edit.by_cues:
+            if edit.name in reader.data:
+                raise CatalogError(
+                    f"{reader.where(edit.name)}: worded by the instructions of its values "
+                    f"in {COMMON_FILE}, not here"
+                )
+            continue
+        entry = reader.child(edit.name)
+        fields = TEMPLATE_FIELDS | edit.placeholders
+        known = (
+            ("instructions", "when", "variants") if edit.variant_keys else ("instructions", "when")
+        )
+        entry.reject_unknown(known)
+        wordings[edit.name] = EditWording(
+            instructions=entry.templates("instructions", fields),
+            when=entry.conditional_templates("when", edit.placeholders, fields),
+            variants=entry.variants("variants", edit.variant_keys) if edit.variant_keys else (),
+        )
+    return MappingProxyType(wordings)
 
 
 def _load_category(
@@ -298,15 +369,22 @@ def _check_phrase(where: str, value: Any) -> str:
     return value
 
 
-def _check_template(where: str, template: str) -> str:
+def _check_template(where: str, template: str, fields: frozenset[str] = TEMPLATE_FIELDS) -> str:
     try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+        used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as exc:
         raise CatalogError(f"{where}: bad template {template!r}: {exc}") from exc
-    unknown = fields - TEMPLATE_FIELDS
+    unknown = used - fields
     if unknown:
-        raise CatalogError(f"{where}: {template!r} uses unknown fields {sorted(unknown)}")
-    template.format_map(_SAMPLE_FIELDS)
+        raise CatalogError(
+            f"{where}: {template!r} uses unknown placeholders {sorted(unknown)}; "
+            f"it may use {sorted(fields)}"
+        )
+    try:
+        # Conversions and format specs ("{new!x}", "{new:%}") fail only when used.
+        template.format_map(dict.fromkeys(fields, "x"))
+    except (ValueError, KeyError) as exc:
+        raise CatalogError(f"{where}: bad template {template!r}: {exc}") from exc
     return template
 
 
@@ -326,13 +404,16 @@ class _Reader:
             raise CatalogError(f"{self.where(key)}: missing")
         return self.data[key]
 
-    def reject_unknown(self, known: tuple[str, ...]) -> None:
+    def reject_unknown(self, known: tuple[str, ...], what: str = "key") -> None:
         unknown = set(self.data) - set(known)
         if unknown:
-            raise CatalogError(f"{self.where(sorted(unknown)[0])}: unknown key")
+            raise CatalogError(f"{self.where(sorted(map(str, unknown))[0])}: unknown {what}")
+
+    def _key_path(self, key: str) -> str:
+        return f"{self.prefix}.{key}".lstrip(".")
 
     def child(self, key: str) -> _Reader:
-        return _Reader(self.path, self._get(key), f"{self.prefix}.{key}".lstrip("."))
+        return _Reader(self.path, self._get(key), self._key_path(key))
 
     def list(self, key: str) -> list[Any]:
         value = self._get(key)
@@ -353,6 +434,42 @@ class _Reader:
         if len(set(items)) != len(items):
             raise CatalogError(f"{self.where(key)}: duplicate values")
         return items
+
+    def templates(self, key: str, fields: frozenset[str] = TEMPLATE_FIELDS) -> tuple[str, ...]:
+        return tuple(
+            _check_template(f"{self.where(key)}[{i}]", template, fields)
+            for i, template in enumerate(self.strings(key))
+        )
+
+    def conditional_templates(
+        self, key: str, placeholders: frozenset[str], fields: frozenset[str]
+    ) -> Mapping[str, Mapping[str, tuple[str, ...]]]:
+        """``key``: placeholder -> value -> templates; optional."""
+        if key not in self.data:
+            return MappingProxyType({})
+        conditions = self.child(key)
+        conditions.reject_unknown(tuple(sorted(placeholders)), what="placeholder")
+        when = {}
+        for placeholder in conditions.data:
+            by_value = conditions.child(placeholder)
+            when[placeholder] = MappingProxyType(
+                {
+                    _check_phrase(by_value.where(str(value)), value): by_value.templates(
+                        value, fields
+                    )
+                    for value in by_value.data
+                }
+            )
+        return MappingProxyType(when)
+
+    def variants(self, key: str, keys: tuple[str, ...]) -> tuple[Mapping[str, str], ...]:
+        """A non-empty list of mappings that each give a phrase for exactly ``keys``."""
+        variants = []
+        for index, item in enumerate(self.list(key)):
+            entry = _Reader(self.path, item, f"{self._key_path(key)}[{index}]")
+            entry.reject_unknown(keys)
+            variants.append(MappingProxyType({name: entry.string(name) for name in keys}))
+        return tuple(variants)
 
     def string_map(self, key: str) -> Mapping[str, str]:
         value = self._get(key)
@@ -387,12 +504,7 @@ class _Reader:
             entry = _Reader(self.path, item, f"{key}[{index}]")
             entry.reject_unknown(("phrase", "name", "noun", "instructions"))
             name = entry.string("name") if named else entry.string("noun", default="")
-            wordings: tuple[str, ...] = ()
-            if instructions:
-                wordings = tuple(
-                    _check_template(entry.where("instructions"), w)
-                    for w in entry.strings("instructions")
-                )
+            wordings = entry.templates("instructions") if instructions else ()
             cues.append(Cue(entry.string("phrase"), name, wordings))
         phrases = [cue.phrase for cue in cues]
         if len(set(phrases)) != len(phrases):

@@ -1,4 +1,4 @@
-"""Edit types: what an instruction changes, and how it is worded.
+"""Edit types: what an instruction changes, and the words it is said with.
 
 An edit never writes the output caption itself. It returns new values for a
 few slots plus an instruction; the synthesizer renders the output caption
@@ -12,7 +12,10 @@ Each edit type has:
 * ``prepare`` - adjusts a freshly sampled input so the edit applies (an
   object must be in the picture before it can be removed, weather is only
   added outside);
-* ``apply`` - picks the new value(s) and one of several wordings.
+* ``apply`` - picks the new value(s) and words the instruction with one of
+  the templates of its entry in ``catalog/edits.yaml``, filling in the
+  placeholders it declares (weather, camera views, filters and decorations
+  take the wordings of their values in ``common.yaml`` instead).
 
 Most edits change one slot. A few clear slots that would contradict the new
 one (moving indoors stops the rain; a new season replaces the weather; a
@@ -27,10 +30,11 @@ import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TypeVar
 
 from .articles import with_article
-from .catalog import Catalog, Category, Cue, Product
+from .catalog import Catalog, Category, Cue, EditWording, Product
 from .choices import free_choice
 
 __all__ = ["BRAND_NEW", "EDIT_TYPES", "Edit", "EditContext", "EditType", "edit_type"]
@@ -38,8 +42,6 @@ __all__ = ["BRAND_NEW", "EDIT_TYPES", "Edit", "EditContext", "EditType", "edit_t
 T = TypeVar("T")
 
 BRAND_NEW = "brand-new"
-# Methods whose result is naturally called "writing" ("write 'LOVE' on it").
-_WRITING_METHODS = frozenset({"print", "paint", "screen-print"})
 _GRAPHIC_PATTERN = re.compile(r"^(?:an? )?(?P<what>.+) (?P<participle>\S+) on (?:it|them)$")
 _QUOTED_TEXT = re.compile(r"^the (?:word|text) '(?P<text>.+)'$")
 
@@ -72,12 +74,13 @@ class EditContext:
         # random() indexing: cheaper than rng.choice() on this hot path.
         return values[int(self.rng.random() * len(values))]
 
-    def edit(self, changes: Mapping[str, str], templates: tuple[str, ...], **words: str) -> Edit:
-        """Word the edit with one of ``templates``.
+    def edit(self, changes: Mapping[str, str], wording: EditWording, **words: str) -> Edit:
+        """Word the edit with one of the templates ``wording`` has for ``words``.
 
         Templates that mention the old value ("{old}") only fit when there
         was one, so they are skipped when the slot was empty.
         """
+        templates = wording.templates(words)
         if not words.get("old"):
             templates = _without_old_value(templates)
         template = self.choice(templates)
@@ -120,15 +123,33 @@ class Edit:
     instruction: str
 
 
+# Picks the new value(s) and words the edit with the edit type's wording.
+Draw = Callable[[EditContext, EditWording], Edit | None]
+# What the edit types worded by their values' own instructions get.
+_WORDED_BY_CUES = EditWording(instructions=(), when=MappingProxyType({}), variants=())
+
+
 @dataclass(frozen=True, slots=True)
 class EditType:
     name: str
     # The slot the edit is about; the doc table groups by it.
     slot: str
     summary: str
-    apply: Callable[[EditContext], Edit | None]
+    draw: Draw
     prepare: Callable[[EditContext], None]
     supports: Callable[[Catalog, Category, Product], bool]
+    # The placeholders ``draw`` fills in: its templates in edits.yaml may use
+    # these besides the product's ({it}, {noun}...).
+    placeholders: frozenset[str]
+    # The keys of each of its ``variants`` in edits.yaml; empty: it has none.
+    variant_keys: tuple[str, ...]
+    # Worded by the instructions of the values it sets (weather, camera
+    # views... in common.yaml), so it has no entry in edits.yaml.
+    by_cues: bool
+
+    def apply(self, ctx: EditContext) -> Edit | None:
+        """The new value(s) and the instruction; None when this input cannot take the edit."""
+        return self.draw(ctx, ctx.catalog.edit_wordings.get(self.name, _WORDED_BY_CUES))
 
 
 _REGISTRY: dict[str, EditType] = {}
@@ -162,16 +183,33 @@ def edit_type(
     slot: str,
     summary: str,
     *,
+    placeholders: tuple[str, ...] = (),
+    variant_keys: tuple[str, ...] = (),
+    by_cues: bool = False,
     prepare: Callable[[EditContext], None] = _nothing_to_prepare,
     supports: Callable[[Catalog, Category, Product], bool] = _always,
-) -> Callable[[Callable[[EditContext], Edit | None]], Callable[[EditContext], Edit | None]]:
-    """Register ``apply`` as an edit type; registration order is the public order."""
+) -> Callable[[Draw], Draw]:
+    """Register ``draw`` as an edit type; registration order is the public order.
 
-    def register(apply: Callable[[EditContext], Edit | None]):
+    ``draw`` picks the new value(s) and words the edit with the edit type's
+    entry in edits.yaml, filling in ``placeholders``.
+    """
+
+    def register(draw: Draw) -> Draw:
         if name in _REGISTRY:
             raise ValueError(f"edit type {name!r} registered twice")
-        _REGISTRY[name] = EditType(name, slot, summary, apply, prepare, supports)
-        return apply
+        _REGISTRY[name] = EditType(
+            name,
+            slot,
+            summary,
+            draw,
+            prepare,
+            supports,
+            frozenset(placeholders),
+            variant_keys,
+            by_cues,
+        )
+        return draw
 
     return register
 
@@ -201,27 +239,18 @@ def _cue_edit(ctx: EditContext, slot: str, cue: Cue, **clear: str) -> Edit:
 # --- product attributes ----------------------------------------------------
 
 
-@edit_type("color_change", "color", "Recolor the product.", supports=_needs_values("color", 2))
-def _color_change(ctx: EditContext) -> Edit | None:
+@edit_type(
+    "color_change",
+    "color",
+    "Recolor the product.",
+    supports=_needs_values("color", 2),
+    placeholders=("old", "new", "a_new"),
+)
+def _color_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     old, new = ctx.slots["color"], ctx.pick("color", ctx.product.values["color"])
     if new is None:
         return None
-    return ctx.edit(
-        {"color": new},
-        (
-            "change {its} color to {new}",
-            "make {it} {new}",
-            "turn the {noun} {new}",
-            "recolor the {noun} {new}",
-            "show {it} in {new}",
-            "give {it} {a_new} color",
-            "make the {noun} {new} instead of {old}",
-            "switch the color from {old} to {new}",
-        ),
-        old=old,
-        new=new,
-        a_new=with_article(new),
-    )
+    return ctx.edit({"color": new}, wording, old=old, new=new, a_new=with_article(new))
 
 
 def _prepare_shadeable_color(ctx: EditContext) -> None:
@@ -242,28 +271,22 @@ def _has_shadeable_color(catalog: Catalog, category: Category, product: Product)
     "Make the color darker or lighter.",
     prepare=_prepare_shadeable_color,
     supports=_has_shadeable_color,
+    placeholders=("old", "new", "comparative", "verb"),
+    variant_keys=("shade", "comparative", "verb"),
 )
-def _color_shade(ctx: EditContext) -> Edit | None:
+def _color_shade(ctx: EditContext, wording: EditWording) -> Edit | None:
     old = ctx.slots["color"]
     if old not in ctx.catalog.shadeable_colors:
         return None
-    shade, comparative, verb = ctx.choice(
-        (("dark", "darker", "darken"), ("light", "lighter", "lighten"))
-    )
-    new = f"{shade} {old}"
+    shade = ctx.choice(wording.variants)
+    new = f"{shade['shade']} {old}"
     return ctx.edit(
         {"color": new},
-        (
-            "make the color {comparative}",
-            "make {it} a {comparative} shade of {old}",
-            "make {it} {new}",
-            "{verb} the {old} color",
-            "use a {comparative} {old}",
-        ),
+        wording,
         old=old,
         new=new,
-        comparative=comparative,
-        verb=verb,
+        comparative=shade["comparative"],
+        verb=shade["verb"],
     )
 
 
@@ -272,26 +295,13 @@ def _color_shade(ctx: EditContext) -> Edit | None:
     "material",
     "Make the product from another material the catalog allows for it.",
     supports=_needs_values("material", 2),
+    placeholders=("old", "new", "new_product"),
 )
-def _material_change(ctx: EditContext) -> Edit | None:
+def _material_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     old, new = ctx.slots["material"], ctx.pick("material", ctx.product.values["material"])
     if new is None:
         return None
-    return ctx.edit(
-        {"material": new},
-        (
-            "make {it} out of {new}",
-            "change the material to {new}",
-            "make the {noun} from {new}",
-            "turn {it} into {new_product}",
-            "remake {it} in {new}",
-            "use {new} instead of {old}",
-            "swap the {old} for {new}",
-        ),
-        old=old,
-        new=new,
-        new_product=ctx.noun_phrase(new),
-    )
+    return ctx.edit({"material": new}, wording, old=old, new=new, new_product=ctx.noun_phrase(new))
 
 
 @edit_type(
@@ -299,25 +309,13 @@ def _material_change(ctx: EditContext) -> Edit | None:
     "texture",
     "Change the surface finish or texture.",
     supports=_needs_values("texture", 2),
+    placeholders=("old", "new", "a_new"),
 )
-def _texture_change(ctx: EditContext) -> Edit | None:
+def _texture_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     old, new = ctx.slots["texture"], ctx.pick("texture", ctx.product.values["texture"])
     if new is None:
         return None
-    return ctx.edit(
-        {"texture": new},
-        (
-            "make {it} {new}",
-            "give {it} {a_new} texture",
-            "change the finish to {new}",
-            "make the surface of the {noun} {new}",
-            "give the {noun} {a_new} finish",
-            "make {it} {new} instead of {old}",
-        ),
-        old=old,
-        new=new,
-        a_new=with_article(new),
-    )
+    return ctx.edit({"texture": new}, wording, old=old, new=new, a_new=with_article(new))
 
 
 @edit_type(
@@ -325,22 +323,16 @@ def _texture_change(ctx: EditContext) -> Edit | None:
     "pattern",
     "Add a pattern or print, or swap the one it has.",
     supports=_needs_values("pattern", 2),
+    placeholders=("old", "new", "pattern", "old_pattern"),
 )
-def _pattern_change(ctx: EditContext) -> Edit | None:
+def _pattern_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     old, new = ctx.slots["pattern"], ctx.pick("pattern", ctx.product.values["pattern"])
     if new is None:
         return None
     patterns = ctx.catalog.patterns
     return ctx.edit(
         {"pattern": new},
-        (
-            "make {it} {new}",
-            "add {pattern} to the {noun}",
-            "give {it} {pattern}",
-            "cover the {noun} in {pattern}",
-            "change the pattern to {pattern}",
-            "replace {old_pattern} with {pattern}",
-        ),
+        wording,
         old=old,
         new=new,
         pattern=patterns[new],
@@ -359,23 +351,13 @@ def _prepare_pattern(ctx: EditContext) -> None:
     "Remove the pattern: a solid, plain product.",
     prepare=_prepare_pattern,
     supports=_needs_values("pattern", 1),
+    placeholders=("old", "old_pattern"),
 )
-def _pattern_removal(ctx: EditContext) -> Edit | None:
+def _pattern_removal(ctx: EditContext, wording: EditWording) -> Edit | None:
     old = ctx.slots["pattern"]
     if not old:
         return None
-    return ctx.edit(
-        {"pattern": ""},
-        (
-            "remove {old_pattern}",
-            "make {it} a solid color",
-            "make {it} plain",
-            "get rid of {old_pattern}",
-            "remove the pattern from the {noun}",
-        ),
-        old=old,
-        old_pattern=_the(ctx.catalog.patterns[old]),
-    )
+    return ctx.edit({"pattern": ""}, wording, old=old, old_pattern=_the(ctx.catalog.patterns[old]))
 
 
 def logo_graphic(ctx: EditContext, method: str, logo: str) -> str:
@@ -399,8 +381,9 @@ def text_graphic(ctx: EditContext, method: str, text: str) -> str:
     "graphic",
     "Print, embroider or engrave a logo on the product.",
     supports=_needs_graphic_methods,
+    placeholders=("method", "a_logo", "a_done_logo"),
 )
-def _logo_print(ctx: EditContext) -> Edit | None:
+def _logo_print(ctx: EditContext, wording: EditWording) -> Edit | None:
     method = ctx.choice(ctx.category.graphic_methods)
     logo = ctx.choice(ctx.catalog.logos)
     new = logo_graphic(ctx, method, logo)
@@ -409,14 +392,7 @@ def _logo_print(ctx: EditContext) -> Edit | None:
     participle = ctx.catalog.graphic_methods[method]
     return ctx.edit(
         {"graphic": new},
-        (
-            "{method} {a_logo} on {it}",
-            "{method} {a_logo} on the {noun}",
-            "add {a_logo} to the {noun}",
-            "put {a_logo} on the {noun}",
-            "decorate {it} with {a_done_logo}",
-            "give the {noun} {a_done_logo}",
-        ),
+        wording,
         method=method,
         a_logo=with_article(logo),
         a_done_logo=with_article(f"{participle} {logo}"),
@@ -428,22 +404,16 @@ def _logo_print(ctx: EditContext) -> Edit | None:
     "graphic",
     "Put exact lettering on the product.",
     supports=_needs_graphic_methods,
+    placeholders=("method", "text", "quoted"),
 )
-def _text_print(ctx: EditContext) -> Edit | None:
+def _text_print(ctx: EditContext, wording: EditWording) -> Edit | None:
     method = ctx.choice(ctx.category.graphic_methods)
     text = ctx.choice(ctx.catalog.texts)
     new = text_graphic(ctx, method, text)
     if new == ctx.slots["graphic"]:
         return None
-    templates = (
-        "{method} {quoted} on {it}",
-        "add {quoted} to the {noun}",
-        "put {quoted} on the {noun}",
-        "{method} '{text}' across the {noun}",
-    )
-    if method in _WRITING_METHODS:
-        templates += ("write '{text}' on {it}", "write '{text}' on the {noun}")
-    return ctx.edit({"graphic": new}, templates, method=method, text=text, quoted=_quoted(text))
+    # Printed or painted lettering gets "write ..." wordings too (the entry's `when`).
+    return ctx.edit({"graphic": new}, wording, method=method, text=text, quoted=_quoted(text))
 
 
 def _prepare_graphic(ctx: EditContext) -> None:
@@ -461,45 +431,32 @@ def _prepare_graphic(ctx: EditContext) -> None:
     "Remove the logo or lettering.",
     prepare=_prepare_graphic,
     supports=_needs_graphic_methods,
+    placeholders=("what", "participle"),
 )
-def _print_removal(ctx: EditContext) -> Edit | None:
+def _print_removal(ctx: EditContext, wording: EditWording) -> Edit | None:
     match = _GRAPHIC_PATTERN.match(ctx.slots["graphic"])
     if match is None:
         return None
     what, participle = match["what"], match["participle"]
     if quoted := _QUOTED_TEXT.match(what):
         what = f"'{quoted['text']}' text"
-    return ctx.edit(
-        {"graphic": ""},
-        (
-            "remove the {what}",
-            "take the {what} off the {noun}",
-            "erase the {what}",
-            "get rid of the {participle} {what}",
-            "make the {noun} plain without the {what}",
-        ),
-        what=what,
-        participle=participle,
-    )
+    return ctx.edit({"graphic": ""}, wording, what=what, participle=participle)
 
 
 @edit_type(
-    "style_change", "style", "Restyle the product's design.", supports=_needs_values("style", 2)
+    "style_change",
+    "style",
+    "Restyle the product's design.",
+    supports=_needs_values("style", 2),
+    placeholders=("old", "new", "a_new", "new_product"),
 )
-def _style_change(ctx: EditContext) -> Edit | None:
+def _style_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     old, new = ctx.slots["style"], ctx.pick("style", ctx.product.values["style"])
     if new is None:
         return None
     return ctx.edit(
         {"style": new},
-        (
-            "make {it} {new}",
-            "turn {it} into {new_product}",
-            "change {it} to {a_new} design",
-            "give the {noun} {a_new} design",
-            "redesign the {noun} to be {new}",
-            "swap {its} {old} design for {a_new} one",
-        ),
+        wording,
         old=old,
         new=new,
         a_new=with_article(new),
@@ -516,23 +473,13 @@ def _aged_conditions(product: Product) -> tuple[str, ...]:
     "condition",
     "Make the product look used: worn, scuffed, dusty...",
     supports=_needs_values("condition", 1),
+    placeholders=("new", "a_new"),
 )
-def _aging(ctx: EditContext) -> Edit | None:
+def _aging(ctx: EditContext, wording: EditWording) -> Edit | None:
     new = ctx.pick("condition", _aged_conditions(ctx.product))
     if new is None:
         return None
-    return ctx.edit(
-        {"condition": new},
-        (
-            "make {it} look {new}",
-            "give {it} {a_new} look",
-            "make the {noun} look old and {new}",
-            "age the {noun} so {it_looks} {new}",
-            "make {it} {new}",
-        ),
-        new=new,
-        a_new=with_article(new),
-    )
+    return ctx.edit({"condition": new}, wording, new=new, a_new=with_article(new))
 
 
 def _prepare_worn(ctx: EditContext) -> None:
@@ -546,102 +493,69 @@ def _prepare_worn(ctx: EditContext) -> None:
     "Make a used-looking product look brand-new.",
     prepare=_prepare_worn,
     supports=_needs_values("condition", 1),
+    placeholders=("old",),
 )
-def _restoration(ctx: EditContext) -> Edit | None:
+def _restoration(ctx: EditContext, wording: EditWording) -> Edit | None:
     old = ctx.slots["condition"]
     if old in ("", BRAND_NEW):
         return None
-    return ctx.edit(
-        {"condition": BRAND_NEW},
-        (
-            "make {it} look brand new",
-            "restore the {noun} to new condition",
-            "make the {old} {noun} look new again",
-            "clean up the {noun} so {it_looks} brand new",
-            "remove the wear and make {it} look new",
-        ),
-        old=old,
-    )
+    return ctx.edit({"condition": BRAND_NEW}, wording, old=old)
 
 
 # --- scene ------------------------------------------------------------------
 
 
-@edit_type("surface_change", "surface", "Put the product on another surface.")
-def _surface_change(ctx: EditContext) -> Edit | None:
+@edit_type(
+    "surface_change", "surface", "Put the product on another surface.", placeholders=("new", "onto")
+)
+def _surface_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     new = ctx.pick("surface", ctx.category.surfaces)
     if new is None:
         return None
     return ctx.edit(
         # A surface and a place are alternatives ("on sand" vs "in a stadium").
         {"surface": new, "place": ""},
-        (
-            "put {it} {new}",
-            "place the {noun} {new}",
-            "move {it} {onto}",
-            "show the {noun} {new}",
-            "set the {noun} down {new}",
-        ),
+        wording,
         new=new,
         onto="onto " + new.removeprefix("on "),
     )
 
 
-@edit_type("place_change", "place", "Move the product to another place.")
-def _place_change(ctx: EditContext) -> Edit | None:
+@edit_type("place_change", "place", "Move the product to another place.", placeholders=("new",))
+def _place_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     new = ctx.pick("place", ctx.category.places)
     if new is None:
         return None
     changes = {"place": new, "surface": "", "background": ""}
     if new in ctx.category.indoor_places:
         changes.update(weather="", season="")
-    return ctx.edit(
-        changes,
-        (
-            "put {it} {new}",
-            "place the {noun} {new}",
-            "show the {noun} {new}",
-            "set the scene {new}",
-        ),
-        new=new,
-    )
+    return ctx.edit(changes, wording, new=new)
 
 
-@edit_type("background_change", "background", "Replace what is behind the product.")
-def _background_change(ctx: EditContext) -> Edit | None:
+@edit_type(
+    "background_change", "background", "Replace what is behind the product.", placeholders=("new",)
+)
+def _background_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     new = ctx.pick("background", ctx.category.backgrounds)
     if new is None:
         return None
-    return ctx.edit(
-        {"background": new, "place": ""},
-        (
-            "change the background to {new}",
-            "replace the background with {new}",
-            "put {new} behind {it}",
-            "use {new} as the background",
-            "swap the background for {new}",
-            "make the background {new}",
-        ),
-        new=new,
-    )
+    return ctx.edit({"background": new, "place": ""}, wording, new=new)
 
 
-@edit_type("background_removal", "background", "Cut the product out onto a plain white background.")
-def _background_removal(ctx: EditContext) -> Edit | None:
+@edit_type(
+    "background_removal",
+    "background",
+    "Cut the product out onto a plain white background.",
+    placeholders=("plain",),
+)
+def _background_removal(ctx: EditContext, wording: EditWording) -> Edit | None:
     plain = ctx.catalog.plain_background
     if ctx.slots["background"] == plain:
         return None
     return ctx.edit(
         # A cut-out keeps the product (and what stands next to it), not the scene.
         {"background": plain, "surface": "", "place": "", "weather": "", "season": "", "decor": ""},
-        (
-            "remove the background",
-            "put {it} on {plain}",
-            "replace the background with {plain}",
-            "make the background plain white",
-            "isolate the {noun} on {plain}",
-            "cut the {noun} out onto {plain}",
-        ),
+        wording,
         plain=plain,
     )
 
@@ -651,9 +565,13 @@ def _prepare_outdoors(ctx: EditContext) -> None:
 
 
 @edit_type(
-    "weather_change", "weather", "Add weather: snow, rain, fog...", prepare=_prepare_outdoors
+    "weather_change",
+    "weather",
+    "Add weather: snow, rain, fog...",
+    prepare=_prepare_outdoors,
+    by_cues=True,
 )
-def _weather_change(ctx: EditContext) -> Edit | None:
+def _weather_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     cue = _other_cue(ctx, ctx.catalog.weather, ctx.slots["weather"])
     if cue is None:
         return None
@@ -668,80 +586,57 @@ def _prepare_weather(ctx: EditContext) -> None:
         ctx.slots["season"] = ""
 
 
-@edit_type("weather_clearing", "weather", "Clear the weather away.", prepare=_prepare_weather)
-def _weather_clearing(ctx: EditContext) -> Edit | None:
+@edit_type(
+    "weather_clearing",
+    "weather",
+    "Clear the weather away.",
+    prepare=_prepare_weather,
+    placeholders=("weather",),
+)
+def _weather_clearing(ctx: EditContext, wording: EditWording) -> Edit | None:
     cue = _cue_named(ctx.catalog.weather, ctx.slots["weather"])
     if cue is None:
         return None
-    return ctx.edit(
-        {"weather": ""},
-        (
-            "remove the {weather}",
-            "make the weather clear",
-            "clear up the weather",
-            "get rid of the {weather}",
-            "make it a clear day",
-            "stop the {weather}",
-        ),
-        weather=cue.name or "weather",
-    )
+    return ctx.edit({"weather": ""}, wording, weather=cue.name or "weather")
 
 
-@edit_type("season_change", "season", "Change the season.", prepare=_prepare_outdoors)
-def _season_change(ctx: EditContext) -> Edit | None:
+@edit_type(
+    "season_change",
+    "season",
+    "Change the season.",
+    prepare=_prepare_outdoors,
+    placeholders=("name", "phrase"),
+)
+def _season_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     cue = _other_cue(ctx, ctx.catalog.seasons, ctx.slots["season"])
     if cue is None:
         return None
     return ctx.edit(
-        {"season": cue.phrase, "weather": ""},
-        (
-            "make it {name}",
-            "change the season to {name}",
-            "make the scene look like {name}",
-            "set the photo in {name}",
-            "show {it} {phrase}",
-            "turn the season to {name}",
-        ),
-        name=cue.name,
-        phrase=cue.phrase,
+        {"season": cue.phrase, "weather": ""}, wording, name=cue.name, phrase=cue.phrase
     )
 
 
-@edit_type("time_of_day_change", "lighting", "Change the time of day.")
-def _time_of_day_change(ctx: EditContext) -> Edit | None:
+@edit_type(
+    "time_of_day_change", "lighting", "Change the time of day.", placeholders=("name", "phrase")
+)
+def _time_of_day_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     cue = _other_cue(ctx, ctx.catalog.times_of_day, ctx.slots["lighting"])
     if cue is None:
         return None
-    return ctx.edit(
-        {"lighting": cue.phrase},
-        (
-            "make it {name}",
-            "change the time of day to {name}",
-            "show {it} {phrase}",
-            "reshoot the {noun} {phrase}",
-        ),
-        name=cue.name,
-        phrase=cue.phrase,
-    )
+    return ctx.edit({"lighting": cue.phrase}, wording, name=cue.name, phrase=cue.phrase)
 
 
-@edit_type("lighting_change", "lighting", "Relight the scene: studio, neon, candlelight...")
-def _lighting_change(ctx: EditContext) -> Edit | None:
+@edit_type(
+    "lighting_change",
+    "lighting",
+    "Relight the scene: studio, neon, candlelight...",
+    placeholders=("name", "phrase"),
+)
+def _lighting_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     cue = _other_cue(ctx, ctx.catalog.lightings, ctx.slots["lighting"])
     if cue is None:
         return None
-    return ctx.edit(
-        {"lighting": cue.phrase},
-        (
-            "light {it} with {name}",
-            "change the lighting to {name}",
-            "relight the {noun} with {name}",
-            "add {name}",
-            "shoot {it} {phrase}",
-        ),
-        name=cue.name,
-        phrase=cue.phrase,
-    )
+    return ctx.edit({"lighting": cue.phrase}, wording, name=cue.name, phrase=cue.phrase)
 
 
 def _prepare_no_companion(ctx: EditContext) -> None:
@@ -753,24 +648,15 @@ def _prepare_no_companion(ctx: EditContext) -> None:
     "companion",
     "Add an object next to the product.",
     prepare=_prepare_no_companion,
+    placeholders=("a_new",),
 )
-def _object_addition(ctx: EditContext) -> Edit | None:
+def _object_addition(ctx: EditContext, wording: EditWording) -> Edit | None:
     if ctx.slots["companion"]:
         return None
     new = ctx.pick("companion", ctx.category.companions)
     if new is None:
         return None
-    return ctx.edit(
-        {"companion": new},
-        (
-            "add {a_new} next to {it}",
-            "put {a_new} beside the {noun}",
-            "place {a_new} next to the {noun}",
-            "include {a_new} in the shot",
-            "add {a_new} to the scene",
-        ),
-        a_new=with_article(new),
-    )
+    return ctx.edit({"companion": new}, wording, a_new=with_article(new))
 
 
 def _prepare_companion(ctx: EditContext) -> None:
@@ -784,24 +670,14 @@ def _prepare_companion(ctx: EditContext) -> None:
     "Swap the object next to the product for another.",
     prepare=_prepare_companion,
     supports=_needs_two_companions,
+    placeholders=("old", "a_new"),
 )
-def _object_replacement(ctx: EditContext) -> Edit | None:
+def _object_replacement(ctx: EditContext, wording: EditWording) -> Edit | None:
     old = ctx.slots["companion"]
     new = ctx.pick("companion", ctx.category.companions)
     if not old or new is None:
         return None
-    return ctx.edit(
-        {"companion": new},
-        (
-            "replace the {old} with {a_new}",
-            "swap the {old} for {a_new}",
-            "change the {old} into {a_new}",
-            "put {a_new} where the {old} is",
-            "replace the {old} next to {it} with {a_new}",
-        ),
-        old=old,
-        a_new=with_article(new),
-    )
+    return ctx.edit({"companion": new}, wording, old=old, a_new=with_article(new))
 
 
 @edit_type(
@@ -809,26 +685,17 @@ def _object_replacement(ctx: EditContext) -> Edit | None:
     "companion",
     "Remove the object next to the product.",
     prepare=_prepare_companion,
+    placeholders=("old",),
 )
-def _object_removal(ctx: EditContext) -> Edit | None:
+def _object_removal(ctx: EditContext, wording: EditWording) -> Edit | None:
     old = ctx.slots["companion"]
     if not old:
         return None
-    return ctx.edit(
-        {"companion": ""},
-        (
-            "remove the {old}",
-            "take away the {old}",
-            "get rid of the {old}",
-            "remove the {old} next to the {noun}",
-            "delete the {old} from the scene",
-        ),
-        old=old,
-    )
+    return ctx.edit({"companion": ""}, wording, old=old)
 
 
-@edit_type("festive_decor", "decor", "Surround the product with themed decorations.")
-def _festive_decor(ctx: EditContext) -> Edit | None:
+@edit_type("festive_decor", "decor", "Surround the product with themed decorations.", by_cues=True)
+def _festive_decor(ctx: EditContext, wording: EditWording) -> Edit | None:
     cue = _other_cue(ctx, ctx.catalog.decors, ctx.slots["decor"])
     return None if cue is None else _cue_edit(ctx, "decor", cue)
 
@@ -836,14 +703,14 @@ def _festive_decor(ctx: EditContext) -> Edit | None:
 # --- the picture as a whole -------------------------------------------------
 
 
-@edit_type("camera_view", "view", "Change the camera angle or framing.")
-def _camera_view(ctx: EditContext) -> Edit | None:
+@edit_type("camera_view", "view", "Change the camera angle or framing.", by_cues=True)
+def _camera_view(ctx: EditContext, wording: EditWording) -> Edit | None:
     cue = _other_cue(ctx, ctx.catalog.views, ctx.slots["view"])
     return None if cue is None else _cue_edit(ctx, "view", cue)
 
 
-@edit_type("color_grade", "filter", "Apply a photo filter: black and white, sepia...")
-def _color_grade(ctx: EditContext) -> Edit | None:
+@edit_type("color_grade", "filter", "Apply a photo filter: black and white, sepia...", by_cues=True)
+def _color_grade(ctx: EditContext, wording: EditWording) -> Edit | None:
     cue = _other_cue(ctx, ctx.catalog.filters, ctx.slots["filter"])
     return None if cue is None else _cue_edit(ctx, "filter", cue)
 
@@ -852,24 +719,13 @@ def _color_grade(ctx: EditContext) -> Edit | None:
     "art_style",
     "medium",
     "Turn the photo into an artwork: watercolor, sketch, oil painting, 3D render...",
+    placeholders=("a_new",),
 )
-def _art_style(ctx: EditContext) -> Edit | None:
+def _art_style(ctx: EditContext, wording: EditWording) -> Edit | None:
     new = ctx.pick("medium", ctx.catalog.mediums)
     if new is None:
         return None
-    # "it" is the picture here, not the product, so no {it}/{them}.
-    return ctx.edit(
-        {"medium": new},
-        (
-            "turn it into {a_new}",
-            "make it {a_new}",
-            "render it as {a_new}",
-            "make it look like {a_new}",
-            "convert the image into {a_new}",
-            "redo the picture as {a_new}",
-        ),
-        a_new=with_article(new),
-    )
+    return ctx.edit({"medium": new}, wording, a_new=with_article(new))
 
 
 def _prepare_medium(ctx: EditContext) -> None:
@@ -882,23 +738,13 @@ def _prepare_medium(ctx: EditContext) -> None:
     "medium",
     "Turn an artwork back into a realistic photo.",
     prepare=_prepare_medium,
+    placeholders=("old", "a_old"),
 )
-def _photo_realism(ctx: EditContext) -> Edit | None:
+def _photo_realism(ctx: EditContext, wording: EditWording) -> Edit | None:
     old = ctx.slots["medium"]
     if not old:
         return None
-    return ctx.edit(
-        {"medium": ""},
-        (
-            "make it a realistic photo",
-            "turn the {old} back into a photo",
-            "make it photorealistic",
-            "convert it to a real photograph",
-            "render it as a real photo instead of {a_old}",
-        ),
-        old=old,
-        a_old=with_article(old),
-    )
+    return ctx.edit({"medium": ""}, wording, old=old, a_old=with_article(old))
 
 
 EDIT_TYPES: tuple[EditType, ...] = tuple(_REGISTRY.values())
