@@ -100,12 +100,13 @@ def stack(claim_redis_db, tmp_path_factory, model):
 
 
 def test_a_soft_time_limit_mid_chunk_continues_the_run(stack):
-    run = stack.create(num_rows=5)
-    # The soft limit strikes in the middle of the first row (or the model load).
-    stack.send_chunk(run, 0, 5, soft_time_limit=0.3, time_limit=120)
+    # Rows of ~2 s (60 steps): the soft limit strikes in the middle of the first row
+    # however fast the machine (at 20 steps an idle machine finished a row within it).
+    run = stack.create(num_rows=3, num_inference_steps=60)
+    stack.send_chunk(run, 0, 3, soft_time_limit=0.3, time_limit=120)
     done = stack.wait(run.id, {RunStatus.succeeded, RunStatus.failed})
     assert done.status == RunStatus.succeeded, done.error
-    assert stack.runs.get(run.id).progress.rows_done == 5
+    assert stack.runs.get(run.id).progress.rows_done == 3
     assert f"soft time limit reached at row 0 of dataset run {run.id}" in stack.worker.log()
 
 
