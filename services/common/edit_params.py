@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import secrets
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
+
+from services.common.schedulers import MAX_STEPS, Scheduler
 
 SEED_MAX = 2**32 - 1
 
@@ -37,6 +39,10 @@ class EditParams(BaseModel):
         description="random when absent; the seed used is always reported in `params`",
     )
     num_outputs: int = Field(1, ge=1, le=4, description="variations of the edit")
+    scheduler: Scheduler = Field(
+        Scheduler.euler_ancestral,
+        description="the denoising sampler (`euler_ancestral` is InstructPix2Pix's own)",
+    )
 
     @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod
@@ -51,10 +57,20 @@ class EditParams(BaseModel):
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value or None
 
+    @field_validator("scheduler")
+    @classmethod
+    def _steps_within_the_schedulers_limit(
+        cls, scheduler: Scheduler, info: ValidationInfo
+    ) -> Scheduler:
+        steps, limit = info.data.get("num_inference_steps"), MAX_STEPS.get(scheduler)
+        if steps is not None and limit is not None and steps > limit:
+            raise ValueError(f"{scheduler} takes at most {limit} steps, not {steps}")
+        return scheduler
+
 
 # Parameters that shape the shared denoising loop: jobs may run in one UNet batch only when
 # these are equal (and their model input size and guidance mode, see batch_key).
-BATCH_FIELDS = ("num_inference_steps",)
+BATCH_FIELDS = ("num_inference_steps", "scheduler")
 
 
 def uses_guidance(params: EditParams) -> bool:
@@ -102,6 +118,9 @@ _TO = "\u2013"
 
 
 def _bounds(field) -> str:
+    choices = getattr(field.annotation, "__members__", None)
+    if choices:
+        return "one of " + ", ".join(f"`{choice}`" for choice in choices.values())
     limits: dict[str, object] = {}
     for item in field.metadata:
         for name in ("ge", "le", "min_length", "max_length"):

@@ -17,6 +17,7 @@ model's model_index.json, so SD 1.5 and SDXL InstructPix2Pix run through the sam
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from services.common.diffusion import (
     serving_dtype,
 )
 from services.common.edit_params import EditParams, batch_key, uses_guidance
+from services.common.schedulers import Scheduler, build_scheduler
 from services.common.settings import Settings
 from services.common.workers import EngineInfo
 from services.gpu_worker.families import (
@@ -118,6 +120,8 @@ class EditEngine:
         self.family: ModelFamily | None = None
         self.info: EngineInfo | None = None
         self._embeds: OrderedDict[tuple, tuple] = OrderedDict()
+        # One scheduler per sampler, built from the model's config once; jobs get copies.
+        self._schedulers: dict[Scheduler, object] = {}
 
     # -- setup -------------------------------------------------------------------------
 
@@ -272,7 +276,7 @@ class EditEngine:
         n = params.num_outputs
         text, negative = self._encode_prompt(params.prompt, params.negative_prompt, cfg)
         image_latents = self.family.encode_image(request.image)
-        scheduler = copy.deepcopy(pipe.scheduler)
+        scheduler = self._new_scheduler(params.scheduler)
         scheduler.set_timesteps(params.num_inference_steps, device=device)
         # A CPU generator gives the same noise for a seed on any device.
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
@@ -288,8 +292,28 @@ class EditEngine:
             image_latents=image_latents.repeat(n, 1, 1, 1),
             text=text.repeat(n),
             negative=negative.repeat(n) if negative is not None else None,
-            extra_step_kwargs=pipe.prepare_extra_step_kwargs(generator, 0.0),
+            extra_step_kwargs=self._step_kwargs(scheduler, generator),
         )
+
+    def _new_scheduler(self, name: Scheduler):
+        """A fresh scheduler of the job's sampler: each job steps its own state."""
+        template = self._schedulers.get(name)
+        if template is None:
+            template = self._schedulers[name] = build_scheduler(name, self.pipe.scheduler.config)
+        return copy.deepcopy(template)
+
+    @staticmethod
+    def _step_kwargs(scheduler, generator: torch.Generator) -> dict:
+        """What the stock pipelines' `prepare_extra_step_kwargs` passes to `step` (eta 0,
+        the job's generator), asked of this job's scheduler: the pipelines' own version
+        asks the model's scheduler, which need not be the job's."""
+        accepted = inspect.signature(scheduler.step).parameters
+        kwargs: dict = {}
+        if "eta" in accepted:
+            kwargs["eta"] = 0.0
+        if "generator" in accepted:
+            kwargs["generator"] = generator
+        return kwargs
 
     def _unet_step(self, jobs: list[_Job], t: torch.Tensor, cfg: bool) -> torch.Tensor:
         """One UNet call for every job; returns the guided noise, jobs in order."""

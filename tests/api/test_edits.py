@@ -36,6 +36,7 @@ def test_submit_stores_input_records_job_and_enqueues_only_the_id(
         "image_guidance_scale": 1.5,
         "seed": 42,
         "num_outputs": 2,
+        "scheduler": "euler_ancestral",
     }
     assert job["progress"] == {"step": 0, "total": 20}
     assert job["outputs"] == [] and job["error"] is None
@@ -93,6 +94,9 @@ BAD_REQUESTS = [
     ({"seed": -1}, 422, "invalid_seed"),
     ({"seed": 2**32}, 422, "invalid_seed"),
     ({"negative_prompt": "n" * 501}, 422, "invalid_negative_prompt"),
+    ({"scheduler": "heun"}, 422, "invalid_scheduler"),
+    # LCM draws its steps from a 50-step schedule.
+    ({"scheduler": "lcm", "num_inference_steps": 51}, 422, "invalid_scheduler"),
 ]
 
 
@@ -135,7 +139,7 @@ def test_cancel_queued_job_then_cancel_again_returns_it_again(client, settings):
     job = submit(client).json()
     store = client.app.state.jobs
     key = store.get(job["id"]).batch_key
-    assert key == "64x48:20:cfg"
+    assert key == "64x48:20:euler_ancestral:cfg"
     assert store.pending(key, 10) == [job["id"]]
     canceled = client.post(f"/v1/edits/{job['id']}/cancel")
     assert canceled.status_code == 200

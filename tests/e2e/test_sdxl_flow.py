@@ -11,6 +11,7 @@ import torch
 from diffusers import StableDiffusionXLInstructPix2PixPipeline
 from PIL import Image
 
+from services.common.schedulers import build_scheduler
 from tests.conftest import image_bytes
 from tests.e2e.conftest import start_stack
 from tests.e2e.test_edit_flow import submit
@@ -49,8 +50,9 @@ def test_an_sdxl_edit_through_the_api_matches_the_stock_pipeline(sdxl_stack, tin
     pipe = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(
         tiny_sdxl_dir, add_watermarker=False
     )
-    pipe.set_progress_bar_config(disable=True)
     params = done["params"]
+    pipe.scheduler = build_scheduler(params["scheduler"], pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
     expected = pipe(
         prompt=params["prompt"],
         image=Image.open(io.BytesIO(photo)).convert("RGB"),

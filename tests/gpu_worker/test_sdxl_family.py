@@ -11,6 +11,7 @@ from diffusers import StableDiffusionXLInstructPix2PixPipeline
 
 from services.common.diffusion import ModelUnavailable
 from services.common.edit_params import EditParams
+from services.common.schedulers import build_scheduler
 from services.gpu_worker.engine import EditEngine, EditRequest, EngineOptions
 from tests.gpu_worker.test_batching import assert_close, photo
 from tests.gpu_worker.test_engine import product_photo
@@ -27,6 +28,8 @@ def stock(model_dir, image, params: EditParams):
     pipe = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(
         model_dir, add_watermarker=False
     )
+    # The job's sampler (by default InstructPix2Pix's Euler ancestral, not the model's own).
+    pipe.scheduler = build_scheduler(params.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe(
         prompt=params.prompt,
@@ -132,3 +135,12 @@ def test_an_sdxl_pipeline_whose_configs_do_not_fit_is_refused(tiny_sdxl_dir):
     pipe.unet.register_to_config(addition_time_embed_dim=4)
     with pytest.raises(ModelUnavailable, match="do not fit together"):
         EditEngine("in-memory", EngineOptions(device="cpu")).use_pipeline(pipe)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m_karras", "ddim"])
+def test_samplers_on_sdxl_match_the_stock_pipeline_with_them(sdxl_engine, tiny_sdxl_dir, scheduler):
+    params = EditParams(prompt="make it blue", num_inference_steps=4, seed=8, scheduler=scheduler)
+    image = product_photo()
+    (ours,) = sdxl_engine.predict(image, params)
+    (theirs,) = stock(tiny_sdxl_dir, image, params)
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
