@@ -3,7 +3,7 @@
 A run is identified by a hash of its spec, so submitting the same spec again resumes the
 same run: rows already in storage are skipped, nothing is generated twice.
 
-Status changes are compare-and-set (like ``JobStore.transition``), so a cancel racing a
+Status changes are compare-and-set (as every JobStore operation is), so a cancel racing a
 worker is never overwritten. Every (re)queue of a run starts a new *generation*; its tasks
 carry that number, and tasks of an older generation (queued before a cancel and resume)
 exit without work.

@@ -100,9 +100,9 @@ def stack(claim_redis_db, tmp_path_factory, model):
 
 
 def test_a_soft_time_limit_mid_chunk_continues_the_run(stack):
-    # Rows of ~2 s (60 steps): the soft limit strikes in the middle of the first row
-    # however fast the machine (at 20 steps an idle machine finished a row within it).
-    run = stack.create(num_rows=3, num_inference_steps=60)
+    # Rows of ~1 s on an idle 2-core machine (150 steps; 20 steps took less than the limit
+    # there): the soft limit strikes in the middle of the first row however fast it is.
+    run = stack.create(num_rows=3, num_inference_steps=150)
     stack.send_chunk(run, 0, 3, soft_time_limit=0.3, time_limit=120)
     done = stack.wait(run.id, {RunStatus.succeeded, RunStatus.failed})
     assert done.status == RunStatus.succeeded, done.error
@@ -111,8 +111,10 @@ def test_a_soft_time_limit_mid_chunk_continues_the_run(stack):
 
 
 def test_a_hard_time_limit_fails_the_run_with_the_reason(stack):
-    # A first row of ~2 s: a chunk always starts its first row.
-    run = stack.create(num_rows=8, seed=8, num_inference_steps=60, pairs_per_row=2)
+    # A first row of ~4 s on an idle 2-core machine (a row of 60 steps and 2 pairs took
+    # 0.9 s there, finished within the limit and let the rows continue without it): a
+    # chunk always starts its first row, and this one outlives the limit.
+    run = stack.create(num_rows=8, seed=8, num_inference_steps=150, pairs_per_row=4)
     # Celery's prefork pool arms the hard limit when the soft one strikes (here: at once
     # after it), the way a row stuck in native code outlives its soft limit.
     stack.send_chunk(run, 0, 8, soft_time_limit=1, time_limit=1)
