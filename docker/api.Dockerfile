@@ -5,8 +5,8 @@
 #
 #   docker build -f docker/api.Dockerfile -t instructedit/api:dev .
 #
-# Build args:
-#   API_EXTRAS   pyproject extras installed into the image (default: api)
+# Dependencies: requirements/api.txt, the lock of pyproject's `api` extra (`make lock`),
+# installed hash-checked and with --no-deps, so nothing outside the lock is resolved.
 #
 # Runtime configuration is environment only (INSTRUCTEDIT_*, AWS_*): nothing
 # secret is baked into the image. See docs/DEPLOYMENT.md.
@@ -26,19 +26,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN python -m venv /opt/venv
 
 WORKDIR /src
-ARG API_EXTRAS=api
 
-# Dependencies first, against a stub package, so that code changes do not
-# re-resolve and re-download them (layer cache).
+# Dependencies first, from the lock alone, so that code changes do not reinstall
+# them (layer cache).
+COPY requirements/api.txt requirements/
+RUN pip install --require-hashes --no-deps -r requirements/api.txt
+
+# Then the project itself, built with the locked setuptools, without touching the
+# dependencies. pip check proves the lock holds every dependency; the import check
+# that the gateway needs nothing beyond the API extra (no torch).
 COPY pyproject.toml README.md* ./
-RUN test -f README.md || : > README.md; \
-    mkdir -p services && : > services/__init__.py \
-    && pip install "/src[${API_EXTRAS}]"
-
-# Then the real package, without touching the dependencies.
 COPY services ./services
-# The import check proves the gateway needs nothing beyond the API extra (no torch).
-RUN pip install --no-deps --force-reinstall "/src[${API_EXTRAS}]" \
+RUN test -f README.md || : > README.md; \
+    pip install --no-deps --no-build-isolation /src \
+    && pip check \
     && INSTRUCTEDIT_STORAGE_URL=file:///tmp/import-check python -c "import services.api.main"
 
 ############################################################################

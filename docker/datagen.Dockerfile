@@ -15,10 +15,13 @@
 #   docker build -f docker/datagen.Dockerfile -t instructedit/datagen:dev .
 #   docker build -f docker/datagen.Dockerfile --target cpu -t instructedit/datagen:dev-cpu .
 #
-# Build args: TORCH_VERSION, TORCH_CUDA, TORCH_INDEX_URL, XFORMERS_VERSION,
-# BAKE_MODELS (e.g. "stable-diffusion-v1-5/stable-diffusion-v1-5
-# timbrooks/instruct-pix2pix"), BAKE_ALLOW_PATTERNS, BAKE_IGNORE_PATTERNS,
-# HF_HUB_VERSION: see docker/gpu_worker.Dockerfile.
+# Lock files: torch-cpu.txt + datagen.txt (cpu), datagen-gpu.txt (cuda),
+# bake.txt (weights stage), all in requirements/.
+#
+# Build args: TORCH_VERSION, TORCH_CUDA, TORCH_INDEX_URL, TORCH_CPU_INDEX_URL,
+# XFORMERS_VERSION, BAKE_MODELS (e.g. "stable-diffusion-v1-5/stable-diffusion-v1-5
+# timbrooks/instruct-pix2pix"), BAKE_ALLOW_PATTERNS, BAKE_IGNORE_PATTERNS: see
+# docker/gpu_worker.Dockerfile.
 #
 # Gated/private models: --secret id=hf_token,env=HF_TOKEN (BuildKit secret,
 # never stored in a layer). Nothing secret is baked into the image.
@@ -26,14 +29,12 @@
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_CUDA=cu128
 ARG XFORMERS_VERSION=0.0.35
-ARG HF_HUB_VERSION=2.4.0
 
 ############################################################################
 # weights: optional baked model snapshots (independent of the code, so the
 # layer survives code changes)
 ############################################################################
 FROM python:3.11.14-slim-bookworm AS weights
-ARG HF_HUB_VERSION
 ARG BAKE_MODELS=""
 # No defaults here: unset means bake_models.py's defaults, "" means no filter.
 ARG BAKE_ALLOW_PATTERNS
@@ -42,10 +43,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
+COPY requirements/bake.txt /tmp/requirements-bake.txt
 COPY docker/bake_models.py /usr/local/bin/bake_models.py
 RUN --mount=type=secret,id=hf_token,required=false \
     if [ -n "${BAKE_MODELS}" ]; then \
-        pip install "huggingface_hub==${HF_HUB_VERSION}" \
+        pip install --require-hashes --no-deps -r /tmp/requirements-bake.txt \
         && python /usr/local/bin/bake_models.py /models/baked "${BAKE_MODELS}"; \
     else \
         mkdir -p /models/baked; \
@@ -84,17 +86,25 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 ############################################################################
 FROM cpu-base AS cpu-builder
 ARG TORCH_VERSION
-RUN python -m venv /opt/venv \
-    && pip install --extra-index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}+cpu" \
-    && python -c "import torch; assert torch.version.cuda is None, torch.__version__; print('torch', torch.__version__)"
+ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
 WORKDIR /src
+# torch, the CPU build, hash-checked from requirements/torch-cpu.txt (its own
+# layer: the largest, and the one that changes least).
+COPY requirements/torch-cpu.txt requirements/
+RUN python -m venv /opt/venv \
+    && pip install --require-hashes --no-deps --index-url "${TORCH_CPU_INDEX_URL}" \
+        -r requirements/torch-cpu.txt
+# Every other dependency from the lock, hash-checked; --no-deps: nothing outside
+# the lock is resolved, so nothing can swap torch for another build.
+COPY requirements/datagen.txt requirements/
+RUN pip install --require-hashes --no-deps -r requirements/datagen.txt \
+    && python -c "import torch; assert torch.version.cuda is None, torch.__version__; print('torch', torch.__version__)"
 COPY pyproject.toml README.md* ./
-RUN test -f README.md || : > README.md; \
-    mkdir -p services && : > services/__init__.py \
-    && pip install "/src[datagen]"
 COPY services ./services
-RUN pip install --no-deps --force-reinstall "/src[datagen]" \
-    && python -c "import torch, services.datagen; assert torch.__version__.startswith('${TORCH_VERSION}')"
+RUN test -f README.md || : > README.md; \
+    pip install --no-deps --no-build-isolation /src \
+    && pip check \
+    && python -c "import torch, services.datagen; assert torch.__version__ == '${TORCH_VERSION}+cpu', torch.__version__"
 
 ############################################################################
 # cuda-builder: venv with CUDA torch + xformers + the datagen extra
@@ -108,22 +118,27 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_CUDA}
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.12-venv \
     && rm -rf /var/lib/apt/lists/*
-# torch and xformers in one resolver run so that pip can never swap the CUDA
-# torch for another build; the import check fails the build on a mismatch.
+# The CUDA build of torch first (its own layer: the largest, and the one that
+# changes least), with the CUDA libraries (nvidia-*) and triton that it pins
+# exactly. This is the one install not hash-checked (see docs/DEPLOYMENT.md).
 RUN python3.12 -m venv /opt/venv \
-    && pip install --extra-index-url "${TORCH_INDEX_URL}" \
-        "torch==${TORCH_VERSION}+${TORCH_CUDA}" "xformers==${XFORMERS_VERSION}" \
+    && pip install --extra-index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}+${TORCH_CUDA}"
+# Then every other dependency, xformers included, from the lock, hash-checked;
+# --no-deps: nothing outside the lock is resolved, so nothing can swap the CUDA
+# torch. The import check fails the build on a torch/xformers mismatch.
+WORKDIR /src
+COPY requirements/datagen-gpu.txt requirements/
+RUN pip install --require-hashes --no-deps -r requirements/datagen-gpu.txt \
     && python -c "import torch, xformers; \
 assert torch.version.cuda, 'torch is a CPU build: ' + torch.__version__; \
+assert xformers.__version__ == '${XFORMERS_VERSION}', 'xformers ' + xformers.__version__ + ' is not the pinned ${XFORMERS_VERSION}'; \
 assert xformers._has_cpp_library, 'xformers C++/CUDA extension does not load against torch ' + torch.__version__; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'xformers', xformers.__version__)"
-WORKDIR /src
 COPY pyproject.toml README.md* ./
-RUN test -f README.md || : > README.md; \
-    mkdir -p services && : > services/__init__.py \
-    && pip install "/src[datagen,gpu]"
 COPY services ./services
-RUN pip install --no-deps --force-reinstall "/src[datagen,gpu]" \
+RUN test -f README.md || : > README.md; \
+    pip install --no-deps --no-build-isolation /src \
+    && pip check \
     && python -c "import torch, xformers, services.datagen; assert torch.__version__ == '${TORCH_VERSION}+${TORCH_CUDA}', torch.__version__"
 
 ############################################################################

@@ -5,8 +5,22 @@ import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from tests.test_lock import read_lock
 
 ROOT = Path(__file__).resolve().parents[2]
+# The lent GPU machine: CPython 3.12 on Linux x86-64 (the Makefile's GPU_PYTHON_VERSION).
+GPU_MACHINE = {
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "os_name": "posix",
+}
 
 
 def carried_pins() -> dict[str, str]:
@@ -16,7 +30,7 @@ def carried_pins() -> dict[str, str]:
     for req in requirements:
         (spec,) = req.specifier  # exactly one ==: the wheels are downloaded, not resolved
         assert spec.operator == "==", req
-        pins[req.name.lower()] = spec.version
+        pins[canonicalize_name(req.name)] = spec.version
     return pins
 
 
@@ -37,6 +51,18 @@ def test_carried_versions_satisfy_the_project():
             assert pins[name] in req.specifier, f"{name}=={pins[name]} is not {req}"
             checked.add(name)
     assert {"diffusers", "pydantic", "pydantic-settings", "redis"} <= checked
+
+
+def test_carried_versions_are_the_locked_ones():
+    """The benchmark runs what the GPU image would install: requirements/worker-gpu.txt."""
+    locked = {
+        name: str(pin.version)
+        for name, entries in read_lock("worker-gpu.txt").items()
+        for pin in entries
+        if pin.marker is None or pin.marker.evaluate(GPU_MACHINE)
+    }
+    for name, version in carried_pins().items():
+        assert locked.get(name) == version, f"{name}=={version}, locked {locked.get(name)}"
 
 
 def test_session_script_parses():
