@@ -100,50 +100,40 @@ def build_vae(seed: int, scaling_factor: float = SD_VAE_SCALING):
     ).eval()
 
 
-def build_unet(in_channels: int, seed: int):
+def build_unet(in_channels: int, seed: int, **architecture):
+    """A tiny UNet2DConditionModel: SD 1.x's layout, or another given by `architecture`
+    (SDXL_UNET)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=in_channels,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_HIDDEN,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
+    config = {
+        "sample_size": 8,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": (32, 64),
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": TEXT_HIDDEN,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    }
+    return UNet2DConditionModel(in_channels=in_channels, **{**config, **architecture}).eval()
 
 
-# SDXL's UNet takes both text encoders' hidden states side by side, and an "added"
-# embedding of the pooled text and six time ids (SDXL_TIME_EMBED values each).
+# SDXL's UNet: attention in the lower block, both text encoders' hidden states side by side,
+# and an "added" embedding of the pooled text and six time ids (SDXL_TIME_EMBED values each).
 SDXL_TIME_EMBED = 8
-
-
-def build_sdxl_unet(in_channels: int, seed: int):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=in_channels,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=2 * TEXT_HIDDEN,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        transformer_layers_per_block=(1, 2),
-        addition_embed_type="text_time",
-        addition_time_embed_dim=SDXL_TIME_EMBED,
-        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED + TEXT_PROJECTION,
-        norm_num_groups=8,
-    ).eval()
+SDXL_UNET = {
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 2 * TEXT_HIDDEN,
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "transformer_layers_per_block": (1, 2),
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": SDXL_TIME_EMBED,
+    "projection_class_embeddings_input_dim": 6 * SDXL_TIME_EMBED + TEXT_PROJECTION,
+}
 
 
 def build_euler_ancestral_scheduler():

@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 from services.common.tiny_components import (
+    SDXL_UNET,
     SDXL_VAE_SCALING,
     build_euler_ancestral_scheduler,
     build_sdxl_scheduler,
-    build_sdxl_unet,
     build_text_encoder,
     build_unet,
     build_vae,
@@ -67,7 +67,7 @@ def write_tiny_sdxl_instruct_pix2pix(directory: str | Path, seed: int = 0) -> Pa
         text_encoder_2=build_text_encoder(vocab_size, seed + 3, with_projection=True),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
-        unet=build_sdxl_unet(in_channels=IN_CHANNELS, seed=seed + 2),
+        unet=build_unet(in_channels=IN_CHANNELS, seed=seed + 2, **SDXL_UNET),
         scheduler=build_sdxl_scheduler(),
         add_watermarker=False,
     )

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from diffusers import StableDiffusionInstructPix2PixPipeline
 from PIL import Image
 
 from tests.conftest import image_bytes
+from tests.reference import stock_edit
 
 pytestmark = pytest.mark.e2e
 
@@ -29,19 +28,8 @@ def submit(client, image: bytes | None = None, **fields) -> dict:
 
 
 def direct_pipeline_outputs(model_dir, image_png: bytes, params: dict) -> list[np.ndarray]:
-    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(
-        prompt=params["prompt"],
-        image=Image.open(io.BytesIO(image_png)).convert("RGB"),
-        negative_prompt=params["negative_prompt"],
-        num_inference_steps=params["num_inference_steps"],
-        guidance_scale=params["guidance_scale"],
-        image_guidance_scale=params["image_guidance_scale"],
-        num_images_per_prompt=params["num_outputs"],
-        generator=torch.Generator().manual_seed(params["seed"]),
-    ).images
-    return [np.asarray(im) for im in images]
+    image = Image.open(io.BytesIO(image_png)).convert("RGB")
+    return [np.asarray(im) for im in stock_edit(model_dir, image, params)]
 
 
 @pytest.mark.parametrize("num_outputs", [1, 2])

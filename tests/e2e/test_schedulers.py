@@ -7,13 +7,11 @@ import io
 
 import numpy as np
 import pytest
-import torch
-from diffusers import StableDiffusionInstructPix2PixPipeline
 from PIL import Image
 
-from services.common.schedulers import Scheduler, build_scheduler
+from services.common.schedulers import Scheduler
 from tests.conftest import image_bytes
-from tests.e2e.test_edit_flow import submit
+from tests.e2e.test_edit_flow import direct_pipeline_outputs, submit
 
 pytestmark = pytest.mark.e2e
 
@@ -51,19 +49,9 @@ def test_a_job_with_a_scheduler_matches_the_stock_pipeline_with_it(
     job = done[name]
     assert job["status"] == "succeeded", job
     assert job["params"]["scheduler"] == name.value
-    params = job["params"]
-    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_model_dir)
-    pipe.scheduler = build_scheduler(name, pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    (expected,) = pipe(
-        prompt=params["prompt"],
-        image=Image.open(io.BytesIO(photo)).convert("RGB"),
-        num_inference_steps=params["num_inference_steps"],
-        guidance_scale=params["guidance_scale"],
-        image_guidance_scale=params["image_guidance_scale"],
-        generator=torch.Generator().manual_seed(params["seed"]),
-    ).images
-    assert np.array_equal(outputs[name], np.asarray(expected))
+    # The stock pipeline with the job's sampler set (tests/reference.py).
+    (expected,) = direct_pipeline_outputs(tiny_model_dir, photo, job["params"])
+    assert np.array_equal(outputs[name], expected)
 
 
 def test_samplers_give_different_pictures(finished_jobs):

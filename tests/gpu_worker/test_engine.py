@@ -3,25 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionInstructPix2PixPipeline
 from PIL import Image
 
 from services.common.edit_params import EditParams
+from tests.reference import stock_edit
 
 
 def reference(model_dir, image, params):
-    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        prompt=params.prompt,
-        image=image,
-        negative_prompt=params.negative_prompt,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        image_guidance_scale=params.image_guidance_scale,
-        num_images_per_prompt=params.num_outputs,
-        generator=torch.Generator().manual_seed(params.seed),
-    ).images
+    return stock_edit(model_dir, image, params)
 
 
 def product_photo(size=(64, 48)):

@@ -6,15 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from diffusers import StableDiffusionXLInstructPix2PixPipeline
 
 from services.common.diffusion import ModelUnavailable
 from services.common.edit_params import EditParams
-from services.common.schedulers import build_scheduler
 from services.gpu_worker.engine import EditEngine, EditRequest, EngineOptions
 from tests.gpu_worker.test_batching import assert_close, photo
 from tests.gpu_worker.test_engine import product_photo
+from tests.reference import stock_edit
 
 
 @pytest.fixture(scope="module")
@@ -22,28 +21,6 @@ def sdxl_engine(tiny_sdxl_dir):
     engine = EditEngine(tiny_sdxl_dir, EngineOptions(device="cpu"))
     engine.setup()
     return engine
-
-
-def stock(model_dir, image, params: EditParams):
-    pipe = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(
-        model_dir, add_watermarker=False
-    )
-    # The job's sampler (by default InstructPix2Pix's Euler ancestral, not the model's own).
-    pipe.scheduler = build_scheduler(params.scheduler, pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        prompt=params.prompt,
-        image=image,
-        # The stock pipeline defaults to its native size; the engine edits at the image's.
-        height=image.height,
-        width=image.width,
-        negative_prompt=params.negative_prompt,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        image_guidance_scale=params.image_guidance_scale,
-        num_images_per_prompt=params.num_outputs,
-        generator=torch.Generator().manual_seed(params.seed),
-    ).images
 
 
 def test_the_engine_serves_sdxl_from_model_index(sdxl_engine, tiny_sdxl_dir):
@@ -77,7 +54,7 @@ def test_a_job_alone_is_identical_to_the_stock_sdxl_pipeline(
     )
     image = product_photo(size)
     ours = sdxl_engine.predict(image, params)
-    theirs = stock(tiny_sdxl_dir, image, params)
+    theirs = stock_edit(tiny_sdxl_dir, image, params)
     assert len(ours) == len(theirs) == num_outputs
     for a, b in zip(ours, theirs, strict=True):
         assert a.size == size
@@ -142,5 +119,5 @@ def test_samplers_on_sdxl_match_the_stock_pipeline_with_them(sdxl_engine, tiny_s
     params = EditParams(prompt="make it blue", num_inference_steps=4, seed=8, scheduler=scheduler)
     image = product_photo()
     (ours,) = sdxl_engine.predict(image, params)
-    (theirs,) = stock(tiny_sdxl_dir, image, params)
+    (theirs,) = stock_edit(tiny_sdxl_dir, image, params)
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))

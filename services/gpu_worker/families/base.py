@@ -16,6 +16,9 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
+from services.common.diffusion import load_pipeline
+from services.gpu_worker.families.hints import NO_MODEL_HINT
+
 
 @dataclass(frozen=True)
 class TextConditioning:
@@ -47,6 +50,8 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     # The diffusers pipeline class a model directory's model_index.json names.
     pipeline_class_name: ClassVar[str]
+    # What the pipeline is loaded with (its from_pretrained keyword arguments).
+    load_options: ClassVar[dict[str, object]] = {}
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
@@ -55,9 +60,12 @@ class ModelFamily(ABC):
         self.dynamic_batch = False
 
     @classmethod
-    @abstractmethod
     def load(cls, model: str, dtype: torch.dtype):
         """The family's diffusers pipeline from a local directory or Hub id, for serving."""
+        import diffusers
+
+        pipeline_class = getattr(diffusers, cls.pipeline_class_name)
+        return load_pipeline(pipeline_class, model, dtype, NO_MODEL_HINT, **cls.load_options)
 
     def check(self) -> None:  # noqa: B027 - optional hook
         """Raise ModelUnavailable if the loaded components cannot work together."""

@@ -7,31 +7,23 @@ pixel-identical to the stock pipeline (tests/gpu_worker/test_engine.py).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from PIL import Image
 
-from services.common.diffusion import decode_latents, load_pipeline
+from services.common.diffusion import decode_latents
 from services.gpu_worker.families.base import ModelFamily, TextConditioning
-from services.gpu_worker.families.hints import NO_MODEL_HINT
 
 
 class StableDiffusionInstructPix2Pix(ModelFamily):
     name = "sd15"
     pipeline_class_name = "StableDiffusionInstructPix2PixPipeline"
-
-    @classmethod
-    def load(cls, model: str, dtype: torch.dtype):
-        from diffusers import StableDiffusionInstructPix2PixPipeline
-
-        return load_pipeline(
-            StableDiffusionInstructPix2PixPipeline,
-            model,
-            dtype,
-            NO_MODEL_HINT,
-            # Product photos, not open-ended generation: the checker would blank outputs.
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
+    # Product photos, not open-ended generation: the safety checker would blank outputs.
+    load_options: ClassVar[dict[str, object]] = {
+        "safety_checker": None,
+        "requires_safety_checker": False,
+    }
 
     def __init__(self, pipe) -> None:
         super().__init__(pipe)

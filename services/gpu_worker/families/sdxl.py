@@ -10,17 +10,17 @@ deliberate difference: no invisible watermark (the stock pipeline adds one only 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from PIL import Image
 
 from services.common.diffusion import (
     ModelUnavailable,
     decode_latents,
-    load_pipeline,
     vae_in_float32,
 )
 from services.gpu_worker.families.base import ModelFamily, TextConditioning
-from services.gpu_worker.families.hints import NO_MODEL_HINT
 
 # SDXL's micro-conditioning: original size (h, w), crop top-left (y, x), target size (h, w).
 TIME_ID_COUNT = 6
@@ -29,18 +29,7 @@ TIME_ID_COUNT = 6
 class StableDiffusionXLInstructPix2Pix(ModelFamily):
     name = "sdxl"
     pipeline_class_name = "StableDiffusionXLInstructPix2PixPipeline"
-
-    @classmethod
-    def load(cls, model: str, dtype: torch.dtype):
-        from diffusers import StableDiffusionXLInstructPix2PixPipeline
-
-        return load_pipeline(
-            StableDiffusionXLInstructPix2PixPipeline,
-            model,
-            dtype,
-            NO_MODEL_HINT,
-            add_watermarker=False,
-        )
+    load_options: ClassVar[dict[str, object]] = {"add_watermarker": False}
 
     def __init__(self, pipe) -> None:
         super().__init__(pipe)
