@@ -9,6 +9,7 @@ never imports this module (it imports torch).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 from collections.abc import Iterator
@@ -105,6 +106,22 @@ def load_pipeline(pipeline_class: type, model: str, dtype: torch.dtype, hint: st
             f"the model {model!r} could not be loaded as a {pipeline_class.__name__} "
             f"({type(exc).__name__}: {exc}). {hint}"
         ) from exc
+
+
+# -- stepping a scheduler ----------------------------------------------------------------
+
+
+def step_kwargs(scheduler, generator: torch.Generator) -> dict:
+    """What the stock pipelines' `prepare_extra_step_kwargs` passes to `scheduler.step`
+    (eta 0, the generator), asked of this scheduler: the pipelines' own version asks the
+    pipeline's scheduler, which need not be the one being stepped."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs: dict = {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        kwargs["generator"] = generator
+    return kwargs
 
 
 # -- the fp16-safe VAE ----------------------------------------------------------------------

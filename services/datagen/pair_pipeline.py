@@ -25,7 +25,6 @@ ones draw the same noise in both branches).
 from __future__ import annotations
 
 import gc
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -38,6 +37,7 @@ from services.common.diffusion import (
     load_pipeline,
     resolve_device,
     serving_dtype,
+    step_kwargs,
 )
 from services.common.settings import DEFAULT_DATAGEN_MODEL, Settings, get_settings
 from services.datagen.pair_params import EditRow, ImagePair, PairParams
@@ -144,10 +144,6 @@ def load_text_to_image_pipeline(model: str, dtype: torch.dtype):
         safety_checker=None,
         requires_safety_checker=False,
     )
-
-
-def _accepts(function: Callable, parameter: str) -> bool:
-    return parameter in inspect.signature(function).parameters
 
 
 class PairGenerator:
@@ -371,14 +367,10 @@ class PairGenerator:
                 schedulers.append(scheduler)
                 generators.append(generator)
                 latents.append(noise * scheduler.init_noise_sigma)
-        step_kwargs = []
-        for scheduler, generator in zip(schedulers, generators, strict=True):
-            kwargs = {}
-            if _accepts(scheduler.step, "eta"):
-                kwargs["eta"] = 0.0
-            if _accepts(scheduler.step, "generator"):
-                kwargs["generator"] = generator
-            step_kwargs.append(kwargs)
+        branch_step_kwargs = [
+            step_kwargs(scheduler, generator)
+            for scheduler, generator in zip(schedulers, generators, strict=True)
+        ]
 
         timesteps = schedulers[0].timesteps
         steps = len(timesteps)
@@ -404,7 +396,11 @@ class PairGenerator:
                         noise_text[rows] - noise_uncond[rows]
                     )
                     latents[row_index] = scheduler.step(
-                        guided, t, latents[row_index], **step_kwargs[row_index], return_dict=False
+                        guided,
+                        t,
+                        latents[row_index],
+                        **branch_step_kwargs[row_index],
+                        return_dict=False,
                     )[0]
                 if on_step is not None:
                     on_step(step + 1, steps)

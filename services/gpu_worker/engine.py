@@ -17,7 +17,6 @@ model's model_index.json, so SD 1.5 and SDXL InstructPix2Pix run through the sam
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from services.common.diffusion import (
     resolve_device,
     resolve_pipeline_dir,
     serving_dtype,
+    step_kwargs,
 )
 from services.common.edit_params import EditParams, batch_key, uses_guidance
 from services.common.schedulers import Scheduler, build_scheduler
@@ -292,7 +292,7 @@ class EditEngine:
             image_latents=image_latents.repeat(n, 1, 1, 1),
             text=text.repeat(n),
             negative=negative.repeat(n) if negative is not None else None,
-            extra_step_kwargs=self._step_kwargs(scheduler, generator),
+            extra_step_kwargs=step_kwargs(scheduler, generator),
         )
 
     def _new_scheduler(self, name: Scheduler):
@@ -301,19 +301,6 @@ class EditEngine:
         if template is None:
             template = self._schedulers[name] = build_scheduler(name, self.pipe.scheduler.config)
         return copy.deepcopy(template)
-
-    @staticmethod
-    def _step_kwargs(scheduler, generator: torch.Generator) -> dict:
-        """What the stock pipelines' `prepare_extra_step_kwargs` passes to `step` (eta 0,
-        the job's generator), asked of this job's scheduler: the pipelines' own version
-        asks the model's scheduler, which need not be the job's."""
-        accepted = inspect.signature(scheduler.step).parameters
-        kwargs: dict = {}
-        if "eta" in accepted:
-            kwargs["eta"] = 0.0
-        if "generator" in accepted:
-            kwargs["generator"] = generator
-        return kwargs
 
     def _unet_step(self, jobs: list[_Job], t: torch.Tensor, cfg: bool) -> torch.Tensor:
         """One UNet call for every job; returns the guided noise, jobs in order."""
