@@ -17,6 +17,7 @@ export PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
 ENGINE_TIMEOUT_S=${ENGINE_TIMEOUT_S:-330}
 DATAGEN_TIMEOUT_S=${DATAGEN_TIMEOUT_S:-120}
+FULL_RES_TIMEOUT_S=${FULL_RES_TIMEOUT_S:-150}
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -37,6 +38,12 @@ status=0
 timeout "$ENGINE_TIMEOUT_S" "$PYTHON" bench/engine_bench.py --compile off on \
     --compile-mode reduce-overhead --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.log" ||
     status=1
+# The full-resolution path (detail-preserving upscaling, mask composite) on the GPU, and
+# a whole edit at 1024x1024 and 2048x1365 with its share of the model's time.
+timeout "$FULL_RES_TIMEOUT_S" "$PYTHON" bench/full_resolution_bench.py --device cuda \
+    --runs 20 2>&1 | tee "$OUT/full_resolution.jsonl" || status=1
+timeout "$FULL_RES_TIMEOUT_S" "$PYTHON" bench/edit_wall_time.py --runs 5 2>&1 |
+    tee "$OUT/edit_wall_time.jsonl" || status=1
 timeout "$DATAGEN_TIMEOUT_S" "$PYTHON" bench/datagen_bench.py --images --full-size \
     --device cuda 2>&1 | tee "$OUT/datagen.log" || status=1
 exit $status

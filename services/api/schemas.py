@@ -20,6 +20,8 @@ class EditJobResponse(BaseModel):
     id: str
     status: JobStatus
     params: EditParams
+    # Whether a mask came with the job (the mask itself is not served back).
+    mask: bool = False
     progress: Progress
     outputs: list[OutputRef]
     error: JobError | None
@@ -33,6 +35,7 @@ class EditJobResponse(BaseModel):
             id=job.id,
             status=job.status,
             params=job.params,
+            mask=job.mask_key is not None,
             progress=job.progress,
             outputs=[OutputRef(index=i, url=url) for i, url in enumerate(output_urls)],
             error=job.error,

@@ -22,18 +22,31 @@ log = logging.getLogger(__name__)
 
 
 def submit_job(
-    job: EditJob, data: bytes, jobs: JobStore, storage: Storage, celery: Celery
+    job: EditJob,
+    data: bytes,
+    jobs: JobStore,
+    storage: Storage,
+    celery: Celery,
+    mask: bytes | None = None,
 ) -> EditJob:
-    """The job as it stands once accepted; raises a 503 APIError, or StorageError when the
-    input cannot be stored (nothing to undo then)."""
+    """The job as it stands once accepted, its mask (if any) stored beside its input;
+    raises a 503 APIError, or StorageError when the uploads cannot be stored (after
+    deleting whatever of them was)."""
     storage.put(job.input_key, data, job.input_content_type)
+    if job.mask_key:
+        try:
+            storage.put(job.mask_key, mask or b"", "application/octet-stream")
+        except Exception:
+            _quietly(f"deleting input of job {job.id}", storage.delete, job.input_key)
+            raise
     try:
         job = jobs.create(job)
     except redis.RedisError as exc:
         log.error("recording job %s failed: %r", job.id, exc)
         # A write that timed out may still have landed; the record must not outlive its input.
         _quietly(f"deleting record of job {job.id}", jobs.delete, job.id)
-        _quietly(f"deleting input of job {job.id}", storage.delete, job.input_key)
+        for key in filter(None, (job.input_key, job.mask_key)):
+            _quietly(f"deleting {key}", storage.delete, key)
         raise job_store_unavailable() from None
     try:
         jobs.add_pending(job)

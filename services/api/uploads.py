@@ -9,28 +9,30 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api.errors import APIError, error_response
-from services.common.images import DecodedImage, ImageRejected, decode_image
+from services.common.images import DecodedImage, ImageRejected, decode_image, prepare_mask
 
 _REJECTION_STATUS = {"unsupported_image_format": 415, "image_too_large": 413}
 _CHUNK = 1024 * 1024
-# What a submission carries besides the image: the other form fields (two prompts of at
+# What a submission carries besides its files: the other form fields (two prompts of at
 # most 500 characters, a few numbers), part headers and boundaries. Generous, so the exact
 # limit stays with the image check after parsing.
 MULTIPART_OVERHEAD = 64 * 1024
+# A submission holds the image and, optionally, a mask, each within the upload limit.
+FILES_PER_SUBMISSION = 2
 
 
-def _too_large(max_bytes: int) -> APIError:
+def _too_large(max_bytes: int, what: str = "the image") -> APIError:
     return APIError(
-        413, "upload_too_large", f"the image is larger than the limit of {max_bytes} bytes"
+        413, "upload_too_large", f"{what} is larger than the limit of {max_bytes} bytes"
     )
 
 
-def read_limited(upload: UploadFile, max_bytes: int) -> bytes:
+def read_limited(upload: UploadFile, max_bytes: int, what: str = "the image") -> bytes:
     chunks, size = [], 0
     while chunk := upload.file.read(_CHUNK):
         size += len(chunk)
         if size > max_bytes:
-            raise _too_large(max_bytes)
+            raise _too_large(max_bytes, what)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -40,6 +42,16 @@ def check_image(data: bytes) -> DecodedImage:
         return decode_image(data)
     except ImageRejected as exc:
         raise APIError(_REJECTION_STATUS.get(exc.code, 422), exc.code, exc.message) from None
+
+
+def check_mask(data: bytes, size: tuple[int, int], invert: bool) -> None:
+    """422 (415, 413) naming what is wrong with a mask upload, as the worker would find it:
+    not an image, unreadable, or nothing left that the edit may change."""
+    try:
+        prepare_mask(data, size, invert)
+    except ImageRejected as exc:
+        code = exc.code if exc.code.startswith("mask_") else f"mask_{exc.code}"
+        raise APIError(_REJECTION_STATUS.get(exc.code, 422), code, f"mask: {exc.message}") from None
 
 
 class UploadLimitMiddleware:
@@ -54,7 +66,7 @@ class UploadLimitMiddleware:
     def __init__(self, app: ASGIApp, max_upload_bytes: int, path: str = "/v1/edits") -> None:
         self.app = app
         self.max_upload_bytes = max_upload_bytes
-        self.max_body_bytes = max_upload_bytes + MULTIPART_OVERHEAD
+        self.max_body_bytes = FILES_PER_SUBMISSION * max_upload_bytes + MULTIPART_OVERHEAD
         self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -14,12 +14,24 @@ equal, its name in BATCH_FIELDS), what the engine does with it, and its README r
 from __future__ import annotations
 
 import secrets
+from enum import StrEnum
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from services.common.schedulers import MAX_STEPS, Scheduler
 
 SEED_MAX = 2**32 - 1
+
+
+class OutputSize(StrEnum):
+    input = "input"  # the uploaded photo's width and height
+    model = "model"  # the resolution bucket the model ran at
+
+
+class OutputFormat(StrEnum):
+    png = "png"
+    jpeg = "jpeg"
+    webp = "webp"
 
 
 class EditParams(BaseModel):
@@ -42,6 +54,25 @@ class EditParams(BaseModel):
     scheduler: Scheduler = Field(
         Scheduler.euler_ancestral,
         description="the denoising sampler (`euler_ancestral` is InstructPix2Pix's own)",
+    )
+    output_size: OutputSize = Field(
+        OutputSize.input,
+        description="`input`: the photo's own width and height, with its fine detail kept "
+        "where the edit did not change it; `model`: the resolution bucket the model ran at",
+    )
+    output_format: OutputFormat = Field(OutputFormat.png, description="image format of the outputs")
+    output_quality: int = Field(
+        90, ge=1, le=100, description="quality of `jpeg` and `webp` outputs"
+    )
+    mask_invert: bool = Field(
+        False, description="invert the `mask` upload: its white area is kept, the rest may change"
+    )
+    mask_feather: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="width of the soft edge around the mask, in output pixels; beyond it, "
+        "kept pixels are exactly the input's",
     )
 
     @field_validator("prompt", "negative_prompt", mode="before")
@@ -74,9 +105,12 @@ BATCH_FIELDS = ("num_inference_steps", "scheduler")
 
 
 def uses_guidance(params: EditParams) -> bool:
-    """InstructPix2Pix runs its three guidance branches only above these scales (the
-    pipeline's own rule); below, the text branch alone."""
-    return params.guidance_scale > 1.0 and params.image_guidance_scale >= 1.0
+    """Whether the job runs InstructPix2Pix's three guidance branches (prompt and image,
+    image alone, neither). The paper's formula means something for every (S_T, S_I),
+    lowering either scale below 1 included, so it runs unless both are exactly 1, where it
+    reduces to the first branch alone. (diffusers' pipeline drops all guidance when
+    S_T <= 1 or S_I < 1, which made (7.5, 0.99) and (1, 5) the same edit as (1, 1).)"""
+    return params.guidance_scale != 1.0 or params.image_guidance_scale != 1.0
 
 
 def batch_key(size: tuple[int, int], params: EditParams) -> str:
@@ -105,6 +139,8 @@ def _default(field) -> str:
         return "random"
     if field.default is None:
         return "none"
+    if isinstance(field.default, bool):
+        return str(field.default).lower()  # as a form field says it
     return str(getattr(field.default, "value", field.default))
 
 

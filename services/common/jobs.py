@@ -72,6 +72,8 @@ class EditJob(BaseModel):
     progress: Progress
     input_key: str
     input_content_type: str
+    # Where the edit may change the image (white) as uploaded, when the client sent one.
+    mask_key: str | None = None
     # Model input size and steps decide which jobs a worker may batch with this one.
     batch_key: str = ""
     output_keys: list[str] = []
@@ -92,16 +94,18 @@ class EditJob(BaseModel):
         params: EditParams,
         input_content_type: str,
         request_id: str | None = None,
-        input_size: tuple[int, int] | None = None,
+        model_size: tuple[int, int] | None = None,
+        with_mask: bool = False,
     ) -> EditJob:
         job_id = new_job_id()
         return cls(
             id=job_id,
             params=params,
-            batch_key=batch_key(input_size, params) if input_size else "",
+            batch_key=batch_key(model_size, params) if model_size else "",
             progress=Progress(step=0, total=params.num_inference_steps),
             input_key=input_key(job_id),
             input_content_type=input_content_type,
+            mask_key=mask_key(job_id) if with_mask else None,
             request_id=request_id,
             created_at=utcnow(),
         )
@@ -119,10 +123,14 @@ def input_key(job_id: str) -> str:
     return f"edits/{job_id}/input"
 
 
-def output_key(job_id: str, index: int, attempt: str) -> str:
+def mask_key(job_id: str) -> str:
+    return f"edits/{job_id}/mask"
+
+
+def output_key(job_id: str, index: int, attempt: str, extension: str = "png") -> str:
     # Per attempt: a worker that lost its claim never overwrites the outputs the job
     # finally points at, and can delete its own.
-    return f"edits/{job_id}/{attempt}/output_{index}.png"
+    return f"edits/{job_id}/{attempt}/output_{index}.{extension}"
 
 
 class JobNotFound(KeyError):

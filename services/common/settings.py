@@ -29,7 +29,12 @@ class Settings(BaseSettings):
     model: str = DEFAULT_EDIT_MODEL
     datagen_model: str = DEFAULT_DATAGEN_MODEL
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_side: int = Field(512, ge=64, le=2048)
+    # The model's area budget as a side length: it runs at the resolution bucket of about
+    # resolution^2 pixels nearest each photo's aspect ratio (services/common/buckets.py).
+    # Unset: the model family's (512 for SD 1.5, 768 for SDXL), or the model's own default
+    # size when that is smaller (the tiny test models). The API keys its batching index
+    # by it, so set it for the API too when serving another budget than 512.
+    resolution: int | None = Field(None, ge=64, le=2048)
 
     # Dynamic batching: a worker runs up to `max_batch` compatible jobs in one UNet call,
     # waiting at most `batch_window_ms` for more to arrive (0: take what is queued, at once).

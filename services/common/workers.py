@@ -32,6 +32,8 @@ class EngineInfo(BaseModel):
     attention: str
     compiled: bool
     max_batch: int
+    # The area budget of its resolution buckets, as a side length (buckets.py).
+    resolution: int = 512
 
 
 class EngineStatus(EngineInfo):

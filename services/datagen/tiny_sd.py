@@ -60,8 +60,9 @@ def build_tiny_stable_diffusion(seed: int = 0, scheduler: str = "pndm"):
         vae=build_vae(seed),
         text_encoder=build_text_encoder(vocab_size, seed + 1),
         tokenizer=tokenizer,
-        # Text-to-image: only the 4 noisy latent channels go in.
-        unet=build_unet(in_channels=4, seed=seed + 2),
+        # Text-to-image: only the 4 noisy latent channels go in. A 64 px native size keeps
+        # the datagen tests' images small.
+        unet=build_unet(in_channels=4, seed=seed + 2, sample_size=8),
         scheduler=build_scheduler(scheduler),
         safety_checker=None,
         feature_extractor=None,

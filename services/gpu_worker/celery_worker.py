@@ -103,9 +103,8 @@ def _setup_process() -> None:
     try:
         info = engine.setup()
         if settings.warmup:
-            side = settings.max_side
             sizes = [1, settings.max_batch] if settings.compile_unet else [1]
-            engine.warmup((side, side), sorted(set(sizes)))
+            engine.warmup(batch_sizes=sorted(set(sizes)))
         WorkerRegistry(client).keep_announcing(
             EngineStatus(
                 **info.model_dump(),
@@ -121,7 +120,6 @@ def _setup_process() -> None:
         engine,
         jobs,
         open_storage(settings),
-        settings.max_side,
         max_batch=settings.max_batch,
         batch_window_ms=settings.batch_window_ms,
         lease_s=settings.job_lease_s,

@@ -26,9 +26,17 @@ from datetime import timedelta
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
+from PIL import Image
 
-from services.common.edit_params import batch_key
-from services.common.images import ImageRejected, decode_image, to_model_input, to_png
+from services.common.edit_params import EditParams, OutputSize, batch_key
+from services.common.images import (
+    OUTPUT_FORMATS,
+    ImageRejected,
+    decode_image,
+    encode_output,
+    prepare_input,
+    prepare_mask,
+)
 from services.common.jobs import (
     EditJob,
     JobError,
@@ -43,6 +51,7 @@ from services.common.jobs import (
 from services.common.logging import bind_request_id
 from services.common.storage import ObjectNotFound, Storage, StorageError
 from services.gpu_worker.engine import EditEngine, EditRequest, LeaveBatch, is_out_of_memory
+from services.gpu_worker.full_resolution import to_output
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +83,10 @@ class Deferred:
 class _Loaded:
     job: EditJob
     request: EditRequest
+    # The upright sRGB input at its own size and the job's mask at that size: what the
+    # outputs are made at full resolution from, and what a mask keeps exactly.
+    original: Image.Image
+    mask: Image.Image | None
 
 
 class EditRunner:
@@ -82,7 +95,6 @@ class EditRunner:
         engine: EditEngine | None,
         jobs: JobStore,
         storage: Storage,
-        max_side: int,
         max_batch: int = 1,
         batch_window_ms: int = 0,
         lease_s: float = 60.0,
@@ -92,7 +104,6 @@ class EditRunner:
         self.engine = engine
         self.jobs = jobs
         self.storage = storage
-        self.max_side = max_side
         self.max_batch = max_batch
         self.batch_window_s = batch_window_ms / 1000
         self.lease = timedelta(seconds=lease_s)
@@ -210,27 +221,36 @@ class EditRunner:
                 continue
             key = batch_key(loaded.request.image.size, job.params)
             groups.setdefault(key, []).append(loaded)
-        # Jobs normally share one key; a worker with another MAX_SIDE than the API's
-        # would see other sizes, so group by what the engine really gets.
+        # Jobs normally share one key; a worker serving another resolution budget than
+        # the API keys by sees other buckets, so group by what the engine really gets.
         for group in groups.values():
             self._run_group(group, results)
 
     def _load(self, job: EditJob) -> _Loaded:
         if self.engine is None:
             raise JobFailure(JobErrorCode.model_unavailable, self.engine_error)
+        raw = self._read(job.input_key, "the input image")
         try:
-            raw = self.storage.get(job.input_key)
-        except ObjectNotFound:
-            raise JobFailure(JobErrorCode.input_missing, job.input_key) from None
-        except StorageError as exc:
-            raise JobFailure(
-                JobErrorCode.storage_error, f"could not read the input image: {exc}"
-            ) from None
-        try:
-            image = to_model_input(decode_image(raw).image, self.max_side)
+            original = prepare_input(decode_image(raw).image)
+            mask = None
+            if job.mask_key:
+                mask_data = self._read(job.mask_key, "the mask")
+                mask = prepare_mask(mask_data, original.size, job.params.mask_invert)
         except ImageRejected as exc:
             raise JobFailure(JobErrorCode.input_invalid, exc.message) from None
-        return _Loaded(job, EditRequest(image, job.params, self._progress_reporter(job)))
+        bucket = self.engine.bucket_for(*original.size)
+        model_input = _resized(original, bucket, Image.Resampling.LANCZOS)
+        model_mask = None if mask is None else _resized(mask, bucket, Image.Resampling.BILINEAR)
+        request = EditRequest(model_input, job.params, self._progress_reporter(job), model_mask)
+        return _Loaded(job, request, original, mask)
+
+    def _read(self, key: str, what: str) -> bytes:
+        try:
+            return self.storage.get(key)
+        except ObjectNotFound:
+            raise JobFailure(JobErrorCode.input_missing, key) from None
+        except StorageError as exc:
+            raise JobFailure(JobErrorCode.storage_error, f"could not read {what}: {exc}") from None
 
     def _progress_reporter(self, job: EditJob):
         def on_step(step: int, total: int) -> None:
@@ -273,9 +293,27 @@ class EditRunner:
         engine_s = time.perf_counter() - started
         for item, outcome in zip(group, outcomes, strict=True):
             with bind_request_id(item.job.request_id, item.job.id):
-                results[item.job.id] = self._record_outcome(item.job, outcome, engine_s)
+                results[item.job.id] = self._record_outcome(item, outcome, engine_s)
 
-    def _record_outcome(self, job: EditJob, outcome, engine_s: float) -> JobStatus | None:
+    def _finish(self, item: _Loaded, edited: Image.Image) -> bytes:
+        """One output as the client asked for it: at the photo's size with its detail
+        kept, or at the model's; masked-out pixels the input's; encoded."""
+        params: EditParams = item.job.params
+        model_input = item.request.image
+        size = item.original.size if params.output_size == OutputSize.input else model_input.size
+        image = to_output(
+            item.original,
+            model_input,
+            edited,
+            size,
+            item.mask,
+            params.mask_feather,
+            device=self.engine.device,
+        )
+        return encode_output(image, params.output_format, params.output_quality)
+
+    def _record_outcome(self, item: _Loaded, outcome, engine_s: float) -> JobStatus | None:
+        job = item.job
         if isinstance(outcome, JobCanceled):
             log.info("job %s was canceled while running", job.id)
             self._observe_canceled(job, engine_s)
@@ -288,11 +326,13 @@ class EditRunner:
                 return self._fail(job, JobError.of(JobErrorCode.out_of_memory))
             return self._fail(job, _internal_error(outcome))
         keys: list[str] = []
+        fmt = OUTPUT_FORMATS[job.params.output_format]
         try:
             for index, image in enumerate(outcome):
-                key = output_key(job.id, index, job.lease_owner or "unowned")
+                data = self._finish(item, image)
+                key = output_key(job.id, index, job.lease_owner or "unowned", fmt.extension)
                 keys.append(key)
-                self.storage.put(key, to_png(image), "image/png")
+                self.storage.put(key, data, fmt.content_type)
         except StorageError as exc:
             self._discard(keys)
             error = JobError.of(JobErrorCode.storage_error, f"could not store the outputs: {exc}")
@@ -336,6 +376,10 @@ class EditRunner:
         if self.observer:
             self.observer.job_finished(failed, 0.0)
         return JobStatus.failed
+
+
+def _resized(image: Image.Image, size: tuple[int, int], resample) -> Image.Image:
+    return image if image.size == size else image.resize(size, resample)
 
 
 def _internal_error(exc: BaseException) -> JobError:

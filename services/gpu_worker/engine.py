@@ -22,11 +22,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from services.common.buckets import bucket_for
 from services.common.diffusion import (
     is_out_of_memory,
     resolve_device,
@@ -78,6 +80,7 @@ class EngineOptions(BaseModel):
     attention_slicing: bool = False
     vae_tiling: bool = False
     text_embedding_cache_size: int = 512
+    resolution: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> EngineOptions:
@@ -88,11 +91,32 @@ class EngineOptions(BaseModel):
 @dataclass
 class EditRequest:
     """One job's share of a batch. `on_step(step, total)` runs after each denoising step;
-    LeaveBatch raised there takes this job out of the batch."""
+    LeaveBatch raised there takes this job out of the batch. `mask` (mode "L", the image's
+    size, 0/255) marks in white where the edit may change the image."""
 
     image: Image.Image
     params: EditParams
     on_step: StepCallback | None = None
+    mask: Image.Image | None = None
+
+
+@dataclass
+class _KeptLatents:
+    """A masked job's blended latent diffusion: after every step, latents outside the mask
+    are replaced by the input image's own latents noised to the next step (Avrahami et
+    al., "Blended Latent Diffusion"; diffusers' inpainting pipeline does the same for
+    4-channel UNets), so the edit grows only inside the mask and meets the kept area
+    along its boundary."""
+
+    editable: torch.Tensor  # 1 where the edit may change the latents, 0 where kept
+    image: torch.Tensor  # the input image's denoised-space latents
+    noise: torch.Tensor  # fixed for the whole run, drawn from the job's generator
+
+    def blend(self, latents: torch.Tensor, scheduler, next_t: torch.Tensor | None):
+        kept = self.image
+        if next_t is not None:
+            kept = scheduler.add_noise(self.image, self.noise, next_t.reshape(1))
+        return self.editable * latents + (1 - self.editable) * kept
 
 
 @dataclass
@@ -105,11 +129,17 @@ class _Job:
     text: TextConditioning
     negative: TextConditioning | None
     extra_step_kwargs: dict = field(default_factory=dict)
+    keep: _KeptLatents | None = None
     outcome: list[Image.Image] | BaseException | None = None
 
     @property
     def n(self) -> int:
         return self.latents.shape[0]
+
+
+def _mask_generator(seed: int) -> torch.Generator:
+    # Seeds are below 2^32, so seed + 2^32 is no job's own seed.
+    return torch.Generator(device="cpu").manual_seed(seed + 2**32)
 
 
 class EditEngine:
@@ -163,6 +193,7 @@ class EditEngine:
             family.dynamic_batch = True
         self.pipe = pipe
         self.family = family
+        self.resolution = self.options.resolution or family.resolution()
         self.info = EngineInfo(
             model=self.model_path,
             family=family.name,
@@ -171,6 +202,7 @@ class EditEngine:
             attention=attention,
             compiled=self.options.compile_unet,
             max_batch=self.options.max_batch,
+            resolution=self.resolution,
         )
         log.info("edit engine loaded: %s", self.info)
         return self.info
@@ -190,9 +222,17 @@ class EditEngine:
         # picks the flash or memory-efficient kernel on CUDA.
         return "sdpa"
 
-    def warmup(self, size: tuple[int, int], batch_sizes: list[int] | None = None) -> None:
+    def bucket_for(self, width: int, height: int) -> tuple[int, int]:
+        """The resolution bucket an image of this size runs at on this engine."""
+        return bucket_for(width, height, self.resolution)
+
+    def warmup(
+        self, size: tuple[int, int] | None = None, batch_sizes: list[int] | None = None
+    ) -> None:
         """Run every batch size in use once, so compilation, cuDNN autotuning and
-        allocator growth happen before the first user request, not during it."""
+        allocator growth happen before the first user request, not during it. `size`
+        defaults to the square bucket."""
+        size = size or self.bucket_for(1, 1)
         image = Image.new("RGB", size, (128, 128, 128))
         for batch in batch_sizes or [1]:
             requests = [
@@ -210,10 +250,14 @@ class EditEngine:
     # -- inference ---------------------------------------------------------------------
 
     def predict(
-        self, image: Image.Image, params: EditParams, on_step: StepCallback | None = None
+        self,
+        image: Image.Image,
+        params: EditParams,
+        on_step: StepCallback | None = None,
+        mask: Image.Image | None = None,
     ) -> list[Image.Image]:
         """Edit one image (RGB, sides multiples of 8); exceptions from `on_step` propagate."""
-        (outcome,) = self.predict_batch([EditRequest(image, params, on_step)])
+        (outcome,) = self.predict_batch([EditRequest(image, params, on_step, mask)])
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
@@ -243,6 +287,7 @@ class EditEngine:
         timesteps = active[0].scheduler.timesteps if active else []
         for i, t in enumerate(timesteps):
             noise = self._unet_step(active, t, cfg)
+            next_t = timesteps[i + 1] if i + 1 < len(timesteps) else None
             offset = 0
             for job in active:
                 job_noise = noise[offset : offset + job.n]
@@ -250,6 +295,8 @@ class EditEngine:
                 job.latents = job.scheduler.step(
                     job_noise, t, job.latents, **job.extra_step_kwargs, return_dict=False
                 )[0]
+                if job.keep is not None:
+                    job.latents = job.keep.blend(job.latents, job.scheduler, next_t)
             still_active = []
             for job in active:
                 try:
@@ -284,6 +331,17 @@ class EditEngine:
         # Scaled by this job's scheduler: init_noise_sigma depends on its timesteps.
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         latents = latents * scheduler.init_noise_sigma
+        keep = None
+        if request.mask is not None:
+            keep = _KeptLatents(
+                editable=self._latent_mask(request.mask, image_latents).to(dtype),
+                image=self.family.denoised_latents(image_latents).repeat(n, 1, 1, 1),
+                # From a generator of its own: the job's stream, which the sampler draws
+                # from too, stays the one it has without a mask.
+                noise=randn_tensor(
+                    shape, generator=_mask_generator(params.seed), device=device, dtype=dtype
+                ),
+            )
         return _Job(
             request=request,
             scheduler=scheduler,
@@ -293,7 +351,16 @@ class EditEngine:
             text=text.repeat(n),
             negative=negative.repeat(n) if negative is not None else None,
             extra_step_kwargs=step_kwargs(scheduler, generator),
+            keep=keep,
         )
+
+    def _latent_mask(self, mask: Image.Image, like: torch.Tensor) -> torch.Tensor:
+        """The mask at the latents' size, (1, 1, h, w): a latent may change when any pixel
+        it covers may. Editable latents a little past the mask's edge let the edit reach
+        it; the pixel composite afterwards keeps every pixel outside exactly."""
+        pixels = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
+        pixels = pixels.to(like.device)[None, None]
+        return (torch.nn.functional.adaptive_max_pool2d(pixels, like.shape[-2:]) > 0).float()
 
     def _new_scheduler(self, name: Scheduler):
         """A fresh scheduler of the job's sampler: each job steps its own state."""

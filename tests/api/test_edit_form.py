@@ -25,7 +25,7 @@ def form_schema() -> tuple[dict, dict]:
 
 def test_every_parameter_is_a_documented_form_field():
     properties, required = form_schema()
-    assert set(properties) == {"image", *EditParams.model_fields}
+    assert set(properties) == {"image", "mask", *EditParams.model_fields}
     assert required == {"image", "prompt"}
     for name, field in EditParams.model_fields.items():
         prop = properties[name]

@@ -37,6 +37,11 @@ def test_submit_stores_input_records_job_and_enqueues_only_the_id(
         "seed": 42,
         "num_outputs": 2,
         "scheduler": "euler_ancestral",
+        "output_size": "input",
+        "output_format": "png",
+        "output_quality": 90,
+        "mask_invert": False,
+        "mask_feather": 8,
     }
     assert job["progress"] == {"step": 0, "total": 20}
     assert job["outputs"] == [] and job["error"] is None
@@ -139,7 +144,7 @@ def test_cancel_queued_job_then_cancel_again_returns_it_again(client, settings):
     job = submit(client).json()
     store = client.app.state.jobs
     key = store.get(job["id"]).batch_key
-    assert key == "64x48:20:euler_ancestral:cfg"
+    assert key == "576x448:20:euler_ancestral:cfg"  # the 4:3 bucket of a 512 px budget
     assert store.pending(key, 10) == [job["id"]]
     canceled = client.post(f"/v1/edits/{job['id']}/cancel")
     assert canceled.status_code == 200

@@ -37,7 +37,7 @@ def s3_settings(redis_url, monkeypatch):
         storage_url=f"s3://{bucket}/instructedit",
         s3_endpoint_url=endpoint,
         s3_public_endpoint_url=f"http://localhost:{port}",
-        max_side=64,
+        resolution=128,
     )
     server.stop()
 
@@ -54,7 +54,7 @@ def test_outputs_are_presigned_urls_that_download(s3_settings, tiny_model_dir):
 
         engine = EditEngine(tiny_model_dir, EngineOptions(device="cpu"))
         engine.setup()
-        runner = EditRunner(engine, client.app.state.jobs, open_storage(s3_settings), 64)
+        runner = EditRunner(engine, client.app.state.jobs, open_storage(s3_settings))
         assert runner.handle(job_id) == {job_id: "succeeded"}
 
         job = client.get(f"/v1/edits/{job_id}").json()

@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 
 from services.api.main import create_app
-from services.api.uploads import MULTIPART_OVERHEAD
+from services.api.uploads import FILES_PER_SUBMISSION, MULTIPART_OVERHEAD
 from tests.api.test_metrics import value
 from tests.conftest import image_bytes
 from tests.stack import free_port
@@ -104,7 +104,8 @@ def test_declared_oversized_body_is_refused_before_it_is_sent(server, settings):
 
 
 def test_chunked_body_is_cut_off_once_over_the_limit(server, settings):
-    limit = settings.max_upload_bytes + MULTIPART_OVERHEAD
+    # An image and a mask, each up to the upload limit, and the form around them.
+    limit = FILES_PER_SUBMISSION * settings.max_upload_bytes + MULTIPART_OVERHEAD
     piece = bytes(16 * 1024)
     with socket.create_connection(("127.0.0.1", server), timeout=5) as sock:
         sock.sendall(request_head(Transfer_Encoding="chunked"))

@@ -10,6 +10,7 @@ from services.common.edit_params import (
     EditParams,
     batch_key,
     markdown_rows,
+    uses_guidance,
 )
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -28,7 +29,7 @@ def readme_parameter_rows() -> dict[str, str]:
 
 def test_the_readme_table_is_the_declaration():
     rows = readme_parameter_rows()
-    assert set(rows) == {"image", *EditParams.model_fields}
+    assert set(rows) == {"image", "mask", *EditParams.model_fields}
     expected = {row.split("`")[1]: row for row in markdown_rows()}
     for name, row in expected.items():
         assert rows[name] == row, (
@@ -67,8 +68,13 @@ def test_batch_key_separates_exactly_the_batch_fields():
     )
     assert batch_key((64, 48), base) == batch_key((64, 48), same)
     assert batch_key((64, 48), base) != batch_key((48, 64), base)
-    unguided = EditParams(prompt="a", guidance_scale=1.0)
+    unguided = EditParams(prompt="a", guidance_scale=1.0, image_guidance_scale=1.0)
     assert batch_key((64, 48), base) != batch_key((64, 48), unguided)
+    # Output size, format and the mask's options shape what is done after the loop.
+    after = base.model_copy(
+        update={"output_size": "model", "output_format": "webp", "mask_feather": 0}
+    )
+    assert batch_key((64, 48), base) == batch_key((64, 48), after)
     for name in BATCH_FIELDS:
         field = EditParams.model_fields[name]
         other = base.model_copy(update={name: _another_value(field, getattr(base, name))})
@@ -80,3 +86,33 @@ def _another_value(field, value):
         return value + 1
     choices = [c for c in field.annotation.__members__.values() if c != value]
     return choices[0]
+
+
+@pytest.mark.parametrize(
+    "text,image,guided",
+    [
+        (7.5, 1.5, True),
+        (7.5, 0.99, True),  # diffusers' rule drops all guidance here
+        (1.0, 5.0, True),  # and here
+        (0.5, 1.0, True),
+        (1.0, 1.0, False),  # the formula is the first branch alone
+    ],
+)
+def test_guidance_runs_unless_both_scales_are_one(text, image, guided):
+    params = EditParams(prompt="a", guidance_scale=text, image_guidance_scale=image)
+    assert uses_guidance(params) is guided
+
+
+def test_output_and_mask_fields_have_bounds():
+    params = EditParams(prompt="a")
+    assert (params.output_size, params.output_format, params.output_quality) == (
+        "input",
+        "png",
+        90,
+    )
+    assert (params.mask_invert, params.mask_feather) == (False, 8)
+    for bad in ({"output_quality": 0}, {"output_quality": 101}, {"mask_feather": -1}):
+        with pytest.raises(ValidationError):
+            EditParams(prompt="a", **bad)
+    with pytest.raises(ValidationError):
+        EditParams(prompt="a", output_format="gif")

@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from services.common.buckets import bucket_for
 from services.common.edit_params import EditParams
-from services.common.images import to_model_input
 from services.gpu_worker.engine import EditRequest, LeaveBatch
 
 
 def photo(size, seed):
     rng = np.random.default_rng(seed)
     image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-    return to_model_input(image, 64)
+    # As the worker does: at the tiny model's bucket (its budget is 128 px).
+    return image.resize(bucket_for(*size, 128), Image.Resampling.LANCZOS)
 
 
-# Different originals that land in one resolution bucket (64x48 after resizing).
+# Different originals that land in one resolution bucket (128x128 after resizing).
 ORIGINALS = [(64, 48), (128, 96), (200, 150), (68, 51)]
 PARAMS = [
     EditParams(prompt="make it red", seed=1, num_inference_steps=6, num_outputs=2),
@@ -58,7 +59,7 @@ def assert_close(batched, alone):
 @pytest.fixture(scope="module")
 def requests_and_alone(engine):
     images = [photo(size, i) for i, size in enumerate(ORIGINALS)]
-    assert {im.size for im in images} == {(64, 48)}
+    assert {im.size for im in images} == {(128, 128)}
     alone = [engine.predict(im, p) for im, p in zip(images, PARAMS, strict=True)]
     return images, alone
 
@@ -122,7 +123,9 @@ def test_canceled_job_leaves_the_batch_others_go_on(engine, requests_and_alone):
 
 
 def test_jobs_without_guidance_batch_separately(engine):
-    plain = EditParams(prompt="x", num_inference_steps=2, guidance_scale=1.0)
+    plain = EditParams(
+        prompt="x", num_inference_steps=2, guidance_scale=1.0, image_guidance_scale=1.0
+    )
     guided = EditParams(prompt="x", num_inference_steps=2)
     image = photo((64, 48), 0)
     with pytest.raises(ValueError, match="batch key"):
@@ -135,7 +138,7 @@ def test_mismatched_sizes_are_refused(engine):
     params = EditParams(prompt="x", num_inference_steps=2)
     with pytest.raises(ValueError, match="batch key"):
         engine.predict_batch(
-            [EditRequest(photo((64, 48), 0), params), EditRequest(photo((48, 64), 0), params)]
+            [EditRequest(photo((64, 48), 0), params), EditRequest(photo((300, 70), 0), params)]
         )
 
 

@@ -10,8 +10,9 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
+from services.common.buckets import bucket_for
 from services.common.edit_params import EditParams
-from services.common.images import decode_image, model_input_size, upright_size
+from services.common.images import decode_image, upright_size
 from services.common.jobs import (
     EditJob,
     JobError,
@@ -36,12 +37,17 @@ def storage(tmp_path):
     return FileStorage(tmp_path / "storage")
 
 
+# The tiny model's resolution budget (families/base.py): what the worker buckets by.
+engine_resolution = 128
+
+
 def submit(jobs, storage, steps=2, size=(64, 48), **params) -> EditJob:
     """What the API does for an accepted request."""
     data = image_bytes(size)
     decoded = decode_image(data)
     edit = EditParams(prompt="make it red", num_inference_steps=steps, **params)
-    job = EditJob.new(edit, "image/png", None, model_input_size(*upright_size(decoded.image), 64))
+    bucket = bucket_for(*upright_size(decoded.image), engine_resolution)
+    job = EditJob.new(edit, "image/png", None, bucket)
     storage.put(job.input_key, data, "image/png")
     jobs.create(job)
     jobs.add_pending(job)
@@ -49,7 +55,7 @@ def submit(jobs, storage, steps=2, size=(64, 48), **params) -> EditJob:
 
 
 def runner(engine, jobs, storage, **kw):
-    return EditRunner(engine, jobs, storage, max_side=64, **kw)
+    return EditRunner(engine, jobs, storage, **kw)
 
 
 def lapse(jobs, claimed: EditJob) -> None:
@@ -87,7 +93,7 @@ def test_batch_size_is_capped(engine, jobs, storage):
 def test_incompatible_and_canceled_jobs_are_not_gathered(engine, jobs, storage):
     first = submit(jobs, storage)
     other_steps = submit(jobs, storage, steps=3)
-    other_size = submit(jobs, storage, size=(48, 64))
+    other_size = submit(jobs, storage, size=(300, 70))  # the 256x64 bucket
     canceled = submit(jobs, storage)
     jobs.cancel(canceled.id)
     results = runner(engine, jobs, storage, max_batch=8).handle(first.id)
@@ -192,10 +198,11 @@ def test_a_worker_that_lost_its_claim_publishes_nothing(engine, jobs, storage):
     assert done.lease_owner != stale.lease_owner
 
     # A wakes up: its progress, result and failure are all refused.
-    image = Image.new("RGB", (64, 48))
     with pytest.raises(ClaimLost):
         stale_runner._progress_reporter(stale)(1, 2)
-    assert stale_runner._record_outcome(stale, [image], 0.1) is None
+    loaded = stale_runner._load(stale)
+    image = Image.new("RGB", loaded.request.image.size)
+    assert stale_runner._record_outcome(loaded, [image], 0.1) is None
     late = JobError.of(JobErrorCode.internal_error, "late")
     assert stale_runner._fail(stale, late) is None
     after = jobs.get(job.id)

@@ -32,9 +32,10 @@ def test_engine_reports_what_it_loaded(engine, tiny_model_dir):
         ("print a spiderman logo on it", None, 99, 2, 7.5, 1.5),
         ("put the ball on sand", None, 7, 1, 12.0, 1.0),
         ("change its color to grey", "low quality", 2**32 - 1, 3, 7.5, 2.5),
-        # Below the guidance thresholds the pipeline runs the text branch alone.
+        # The paper's guidance wherever either scale differs from 1 (tests/reference.py).
         ("make it black", None, 5, 1, 1.0, 1.5),
         ("make it black", None, 5, 1, 7.5, 0.5),
+        ("make it black", None, 5, 1, 1.0, 1.0),
     ],
 )
 def test_outputs_identical_to_plain_pipeline(
@@ -59,6 +60,28 @@ def test_outputs_identical_to_plain_pipeline(
         assert np.array_equal(np.asarray(a), np.asarray(b))
     if num_outputs > 1:
         assert not np.array_equal(np.asarray(ours[0]), np.asarray(ours[1]))
+
+
+def test_every_pair_of_scales_means_the_papers_formula(engine, tiny_model_dir):
+    """(7.5, 0.99) and (1, 5) were (1, 1) under diffusers' rule; now each is the paper's
+    formula from its three branches, and the three differ."""
+    image = product_photo()
+    outputs = []
+    for text, image_scale in [(7.5, 0.99), (1.0, 5.0), (1.0, 1.0)]:
+        params = EditParams(
+            prompt="make it black",
+            num_inference_steps=4,
+            guidance_scale=text,
+            image_guidance_scale=image_scale,
+            seed=5,
+        )
+        (ours,) = engine.predict(image, params)
+        (paper,) = reference(tiny_model_dir, image, params)
+        assert np.array_equal(np.asarray(ours), np.asarray(paper))
+        outputs.append(np.asarray(ours))
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not np.array_equal(outputs[i], outputs[j])
 
 
 def test_seed_determines_output(engine):
@@ -152,3 +175,53 @@ def test_engine_options_are_the_settings_of_the_same_names():
     for name in EngineOptions.model_fields:
         expected = "cuda:1" if name == "device" else getattr(settings, name)
         assert getattr(options, name) == expected, name
+
+
+def _left_half_mask(size):
+    mask = Image.new("L", size, 0)
+    mask.paste(255, (0, 0, size[0] // 2, size[1]))
+    return mask
+
+
+def test_a_masked_edit_keeps_the_image_latents_outside_the_mask(engine, monkeypatch):
+    """Blended latent diffusion: after the last step, latents outside the mask are exactly
+    the input image's own; inside, the edit's."""
+    image, size = product_photo((128, 128)), (128, 128)
+    params = EditParams(prompt="make it black", num_inference_steps=4, seed=3)
+    decoded = []
+    decode = engine.family.decode
+    monkeypatch.setattr(
+        engine.family, "decode", lambda latents: decoded.append(latents) or decode(latents)
+    )
+    (unmasked,) = engine.predict(image, params)
+    (masked,) = engine.predict(image, params, mask=_left_half_mask(size))
+    with torch.inference_mode():
+        own = engine.family.denoised_latents(engine.family.encode_image(image))
+    free, kept = decoded
+    half = own.shape[-1] // 2
+    assert torch.equal(kept[..., half:], own[..., half:])
+    assert not torch.equal(kept[..., :half], free[..., :half])
+    assert not torch.allclose(kept[..., :half], own[..., :half], atol=0.1)
+    assert not np.array_equal(np.asarray(masked), np.asarray(unmasked))
+
+
+def test_a_mask_that_allows_every_pixel_is_no_mask(engine):
+    image = product_photo((128, 128))
+    params = EditParams(prompt="make it black", num_inference_steps=4, seed=3)
+    (unmasked,) = engine.predict(image, params)
+    (everywhere,) = engine.predict(image, params, mask=Image.new("L", (128, 128), 255))
+    assert np.array_equal(np.asarray(unmasked), np.asarray(everywhere))
+
+
+def test_masked_and_unmasked_jobs_share_a_batch(engine):
+    from services.gpu_worker.engine import EditRequest
+
+    image = product_photo((128, 128))
+    a = EditParams(prompt="make it black", num_inference_steps=3, seed=1)
+    b = EditParams(prompt="make it red", num_inference_steps=3, seed=2)
+    mask = _left_half_mask((128, 128))
+    alone = [engine.predict(image, a), engine.predict(image, b, mask=mask)]
+    together = engine.predict_batch([EditRequest(image, a), EditRequest(image, b, mask=mask)])
+    for solo, batched in zip(alone, together, strict=True):
+        diff = np.abs(np.asarray(solo[0], dtype=int) - np.asarray(batched[0], dtype=int))
+        assert diff.max() <= 1

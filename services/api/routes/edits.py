@@ -11,9 +11,10 @@ from services.api.errors import APIError, ErrorResponse
 from services.api.metrics import JOBS_SUBMITTED
 from services.api.schemas import EditJobResponse
 from services.api.submission import submit_job
-from services.api.uploads import check_image, read_limited
+from services.api.uploads import check_image, check_mask, read_limited
+from services.common.buckets import DEFAULT_RESOLUTION, bucket_for
 from services.common.edit_params import EditParams
-from services.common.images import model_input_size, upright_size
+from services.common.images import OUTPUT_FORMATS, upright_size
 from services.common.jobs import EditJob, JobNotFound, JobStatus, TransitionRefused
 from services.common.storage import ObjectNotFound
 
@@ -58,17 +59,35 @@ def submit_edit(
     jobs: JobStoreDep,
     storage: StorageDep,
     celery: CeleryDep,
-    image: Annotated[UploadFile, File(description="Product photo: JPEG, PNG or WebP")],
+    image: Annotated[
+        UploadFile, File(description="Product photo: JPEG, PNG, WebP, HEIC/HEIF or AVIF")
+    ],
     # Every other form field, with its bounds, default and description, is a field of
     # EditParams: FastAPI reads the model as the form and validates it (422 invalid_<field>).
     params: Annotated[EditParams, Form()],
+    mask: Annotated[
+        UploadFile | None,
+        File(
+            description="Where the edit may change the photo: white may change, black is "
+            "kept exactly (PNG or JPEG, any size; resized to the photo)"
+        ),
+    ] = None,
 ) -> EditJobResponse:
     data = read_limited(image, settings.max_upload_bytes)
     decoded = check_image(data)
+    size = upright_size(decoded.image)
+    mask_data = None
+    if mask is not None:
+        mask_data = read_limited(mask, settings.max_upload_bytes, "the mask")
+        check_mask(mask_data, size, params.mask_invert)
 
-    size = model_input_size(*upright_size(decoded.image), settings.max_side)
-    job = EditJob.new(params, decoded.content_type, request.state.request_id, size)
-    job = submit_job(job, data, jobs, storage, celery)
+    # The bucket the model will run at keys the batching index; the mask does not: masked
+    # and unmasked jobs share UNet calls.
+    bucket = bucket_for(*size, settings.resolution or DEFAULT_RESOLUTION)
+    job = EditJob.new(
+        params, decoded.content_type, request.state.request_id, bucket, mask_data is not None
+    )
+    job = submit_job(job, data, jobs, storage, celery, mask_data)
     JOBS_SUBMITTED.inc()
     response.headers["Location"] = f"/v1/edits/{job.id}"
     return _respond(job, request, storage, settings)
@@ -84,7 +103,10 @@ def get_edit(
 @router.get(
     "/{job_id}/outputs/{index}",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}, **_ERRORS},
+    responses={
+        200: {"content": {fmt.content_type: {} for fmt in OUTPUT_FORMATS.values()}},
+        **_ERRORS,
+    },
     summary="Download an output image",
 )
 def get_output(job_id: str, index: int, jobs: JobStoreDep, storage: StorageDep) -> Response:
@@ -99,7 +121,13 @@ def get_output(job_id: str, index: int, jobs: JobStoreDep, storage: StorageDep) 
         data = storage.get(job.output_keys[index])
     except ObjectNotFound:
         raise APIError(404, "output_not_found", f"output {index} of job {job_id} is gone") from None
-    return Response(data, media_type="image/png")
+    fmt = OUTPUT_FORMATS[job.params.output_format]
+    filename = f"{job_id}-{index}.{fmt.extension}"
+    return Response(
+        data,
+        media_type=fmt.content_type,
+        headers={"Content-Disposition": f'inline; filename="{filename}"'},
+    )
 
 
 @router.post(

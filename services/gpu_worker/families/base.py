@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
+from services.common.buckets import FAMILY_RESOLUTIONS
 from services.common.diffusion import load_pipeline
 from services.gpu_worker.families.hints import NO_MODEL_HINT
 
@@ -95,6 +96,22 @@ class ModelFamily(ABC):
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Pictures of denoised latents."""
+
+    def denoised_latents(self, image_latents: torch.Tensor) -> torch.Tensor:
+        """The image's conditioning latents (`encode_image`) as the latents the denoising
+        loop ends at, the ones `decode` turns into this image: what a masked edit keeps
+        outside its mask. SD's VAE latents are scaled by the VAE's scaling factor."""
+        return image_latents * self.vae.config.scaling_factor
+
+    def resolution(self) -> int:
+        """The area budget (as a side length) the model runs at: its family's training
+        resolution, or the model's own default size (UNet sample size times the VAE's
+        downsampling, diffusers' default height and width) when that is smaller, as in
+        the tiny test models."""
+        sample = self.unet.config.sample_size
+        sample = min(sample) if isinstance(sample, list | tuple) else sample
+        native = int(sample) * self.pipe.vae_scale_factor
+        return min(FAMILY_RESOLUTIONS[self.name], native)
 
     # -- shared by the families ---------------------------------------------------------
 

@@ -124,6 +124,19 @@ class StableDiffusionXLInstructPix2Pix(ModelFamily):
         pixels = decode_latents(self.vae, latents, upcast=upcast)
         return self.pipe.image_processor.postprocess(pixels, output_type="pil")
 
+    def denoised_latents(self, image_latents: torch.Tensor) -> torch.Tensor:
+        if getattr(self.pipe, "is_cosxl_edit", False):
+            return image_latents  # encode_image scaled them already
+        config = self.vae.config
+        mean = getattr(config, "latents_mean", None)
+        std = getattr(config, "latents_std", None)
+        if mean is not None and std is not None:  # the inverse of decode's unscaling
+            shape = (1, config.latent_channels, 1, 1)
+            mean = torch.tensor(mean).view(shape).to(image_latents.device, image_latents.dtype)
+            std = torch.tensor(std).view(shape).to(image_latents.device, image_latents.dtype)
+            return (image_latents - mean) * config.scaling_factor / std
+        return image_latents * config.scaling_factor
+
     def _upcast_vae(self) -> bool:
         # The original SDXL VAE overflows in fp16 and says so (`force_upcast`); the
         # fp16-fix VAE that sdxl-instructpix2pix-768 ships does not.
