@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Runnable as a plain script from anywhere: make the repository importable.
 sys.path.insert(0, str(ROOT))
 
+from bench.synthetic_photos import fabric  # noqa: E402
 from services.gpu_worker.full_resolution import to_output  # noqa: E402
 
 SIDE = 1024
@@ -38,25 +39,6 @@ CROPS = [
 COLUMNS = ["original photo", "plain LANCZOS resize of the edit", "detail-preserving (ours)"]
 MARGIN, TITLE = 10, 22
 BACKGROUND, INK = (255, 255, 255), (20, 20, 20)
-
-
-def fabric(side: int = SIDE, seed: int = 0) -> Image.Image:
-    """Red woven fabric with a sewn-in care label printed in small text."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:side, 0:side]
-    checker = ((x + y) % 2) * 2 - 1.0
-    twill = ((x // 2 + y // 2) % 2) * 2 - 1.0
-    shade = 20 * np.sin(x / side * 3) * np.cos(y / side * 2)
-    luminance = shade + 22 * checker + 10 * twill + rng.normal(0, 4, (side, side))
-    pixels = np.array([150, 60, 50.0]) + luminance[..., None] * np.array([1, 0.8, 0.8])
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    left, top = 620, 400
-    draw.rectangle((left, top, left + 300, top + 150), fill=(245, 245, 235), outline=(30, 30, 30))
-    lines = ["100% ORGANIC COTTON", "MADE IN PORTUGAL", "WASH 30C DO NOT BLEACH", "RN 12345 M"]
-    for i, line in enumerate(lines):
-        draw.text((left + 10, top + 10 + 32 * i), line, fill=(20, 20, 20))
-    return image
 
 
 def model_edit(model_input: Image.Image, seed: int = 1) -> Image.Image:

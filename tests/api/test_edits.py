@@ -8,16 +8,21 @@ import pytest
 import redis
 
 from services.common.jobs import JobError, JobErrorCode, JobStatus
+from tests.api.test_masks_and_formats import BAD_MASKS_AND_OUTPUT_FIELDS
 from tests.common.test_images import mpo_bytes, png_header
 from tests.conftest import image_bytes
 
 PNG = image_bytes()
 
 
-def submit(client, image=PNG, filename="shoe.png", content_type="image/png", **fields):
+def submit(client, image=PNG, filename="shoe.png", content_type="image/png", mask=None, **fields):
     fields.setdefault("prompt", "make it red")
-    files = {"image": (filename, image, content_type)} if image is not None else None
-    return client.post("/v1/edits", files=files, data={k: str(v) for k, v in fields.items()})
+    files = {"image": (filename, image, content_type)} if image is not None else {}
+    if mask is not None:
+        files["mask"] = ("mask.png", mask, "image/png")
+    return client.post(
+        "/v1/edits", files=files or None, data={k: str(v) for k, v in fields.items()}
+    )
 
 
 def test_submit_stores_input_records_job_and_enqueues_only_the_id(
@@ -102,6 +107,7 @@ BAD_REQUESTS = [
     ({"scheduler": "heun"}, 422, "invalid_scheduler"),
     # LCM draws its steps from a 50-step schedule.
     ({"scheduler": "lcm", "num_inference_steps": 51}, 422, "invalid_scheduler"),
+    *BAD_MASKS_AND_OUTPUT_FIELDS,
 ]
 
 
@@ -114,6 +120,8 @@ def test_bad_requests_are_rejected_and_leave_nothing(
     error = response.json()["error"]
     assert error["code"] == code
     assert error["message"]
+    if code == "mask_empty":
+        assert "all black" in error["message"] and "white" in error["message"]
     assert queue_len() == 0
     assert job_keys() == []
     assert stored() == []
