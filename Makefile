@@ -9,7 +9,7 @@ PORT ?= 8000
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock run test lint format tiny-model clean
+.PHONY: install lock run test test-slow lint format tiny-model clean
 
 # ------------------------------------------------------------------------- dependencies
 # The virtualenv holds exactly what the lock files pin, and is built anew from them whenever
@@ -78,6 +78,9 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
 
 lint: install
 	$(BIN)/ruff check .

@@ -13,6 +13,7 @@ it, best of ``--repeat`` runs.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -129,6 +130,26 @@ def bench_images(args: argparse.Namespace) -> None:
     cells += (count / export,)
     formats = ("d", "d", ".2f", ".2f", ".3f", ".2f", ".1f")
     print(" | ".join(f"{c:>{w}{f}}" for c, w, f in zip(cells, widths, formats, strict=True)))
+    if args.jsonl:
+        row = {
+            "part": "datagen",
+            "model": kind,
+            "device": str(info.device),
+            "dtype": str(info.dtype),
+            "size": size,
+            "steps": steps,
+            "scheduler": str(info.scheduler),
+            "rows": args.image_rows,
+            "pairs": count,
+            "generate_s": round(generate, 3),
+            "pairs_per_s": round(count / generate, 3),
+            "s_per_pair": round(generate / count, 4),
+            "export_s": round(export, 3),
+            "export_pairs_per_s": round(count / export, 2),
+            "cross_attention": args.cross_attention,
+        }
+        with args.jsonl.open("a") as out:
+            out.write(json.dumps(row) + "\n")
 
 
 # flag -> (help, bench function).
@@ -165,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--full-size",
         action="store_true",
         help="SD 1.5's architecture with random weights instead of the tiny model (use a GPU)",
+    )
+    parser.add_argument(
+        "--jsonl", type=Path, help="also append the image figure here as a JSON line"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="runs per size; best is kept")

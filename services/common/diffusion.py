@@ -9,10 +9,14 @@ never imports this module (it imports torch).
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import inspect
 import json
 import logging
-from collections.abc import Iterator
+import sys
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -111,10 +115,11 @@ def load_pipeline(pipeline_class: type, model: str, dtype: torch.dtype, hint: st
 # -- stepping a scheduler ----------------------------------------------------------------
 
 
-def step_kwargs(scheduler, generator: torch.Generator) -> dict:
+def step_kwargs(scheduler, generator) -> dict:
     """What the stock pipelines' `prepare_extra_step_kwargs` passes to `scheduler.step`
     (eta 0, the generator), asked of this scheduler: the pipelines' own version asks the
-    pipeline's scheduler, which need not be the one being stepped."""
+    pipeline's scheduler, which need not be the one being stepped. `generator` may be a
+    NoiseSource for a step function of `noise_injecting_step`."""
     accepted = inspect.signature(scheduler.step).parameters
     kwargs: dict = {}
     if "eta" in accepted:
@@ -122,6 +127,114 @@ def step_kwargs(scheduler, generator: torch.Generator) -> dict:
     if "generator" in accepted:
         kwargs["generator"] = generator
     return kwargs
+
+
+def start_at_first_step(scheduler) -> None:
+    """Tell a scheduler that denoising starts at its first timestep, where it supports
+    that (`set_begin_index`, diffusers' own call for it): its step index is then a plain
+    Python counter from the first step on, instead of a search of the timesteps for the
+    current one (`index_for_timestep`: `.nonzero()` and `.item()`, a host-device sync on a
+    GPU). DDIM keeps no step index and needs none."""
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+
+
+class NoiseSource:
+    """Stands in for the `generator` of a scheduler's step: the noise a stochastic sampler
+    (Euler ancestral, LCM) draws inside `step` comes from here, drawn up front, instead of
+    from a generator there and then.
+
+    That is how a whole batch takes one scheduler step while each job's noise is still its
+    own generator's (drawn in the job's own order and shapes, so a job alone gets exactly
+    the stock pipeline's noise), and how the step draws nothing on the host and copies
+    nothing to the device. `draws` are the step's successive draws, each already in its
+    place on the device; a draw of another shape than planned is a bug and raises.
+    """
+
+    def __init__(self, draws: torch.Tensor | list[torch.Tensor]) -> None:
+        self.draws = draws
+        self.taken = 0
+
+    def next(self, shape: tuple[int, ...], dtype: torch.dtype | None) -> torch.Tensor:
+        if self.taken >= len(self.draws):
+            raise RuntimeError(f"the sampler drew noise {self.taken + 1} times; planned for fewer")
+        draw = self.draws[self.taken]
+        if tuple(draw.shape) != tuple(shape) or (dtype is not None and draw.dtype != dtype):
+            raise RuntimeError(
+                f"the sampler drew noise of {tuple(shape)} {dtype}; planned "
+                f"{tuple(draw.shape)} {draw.dtype}"
+            )
+        self.taken += 1
+        return draw
+
+
+class _DrawRecorder(NoiseSource):
+    """A NoiseSource that hands out zeros and records which draws a sampler makes."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.step = 0
+        self.made: list[tuple[int, torch.dtype]] = []
+
+    def next(self, shape: tuple[int, ...], dtype: torch.dtype | None) -> torch.Tensor:
+        self.made.append((self.step, dtype))
+        return torch.zeros(shape, dtype=dtype)
+
+
+def _randn_or_source(shape, generator=None, device=None, dtype=None, layout=None):
+    """diffusers' `randn_tensor`, except that a NoiseSource as the generator gives its
+    next draw."""
+    if isinstance(generator, NoiseSource):
+        return generator.next(tuple(shape), dtype)
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype, layout=layout)
+
+
+@functools.cache
+def noise_injecting_step(scheduler_class: type) -> Callable:
+    """`scheduler_class.step` as a plain function (call it with the scheduler first) that
+    takes a NoiseSource as its `generator`.
+
+    diffusers' samplers draw their noise inside `step` with `randn_tensor(...,
+    generator=generator)`, and Euler ancestral and LCM take no noise argument. This is
+    the very same function (its code object, so the arithmetic is the stock one to the
+    bit), with the name `randn_tensor` in its globals bound to a function that serves a
+    NoiseSource's draws and hands any real generator to diffusers' own. Nothing in
+    diffusers is patched. A step whose code draws no noise is returned as it is.
+    """
+    step = scheduler_class.step
+    if "randn_tensor" not in step.__code__.co_names:
+        return step
+    namespace = dict(vars(sys.modules[step.__module__]))
+    namespace["randn_tensor"] = _randn_or_source
+    injecting = types.FunctionType(
+        step.__code__, namespace, step.__name__, step.__defaults__, step.__closure__
+    )
+    injecting.__kwdefaults__ = step.__kwdefaults__
+    injecting.__qualname__ = step.__qualname__
+    return injecting
+
+
+def noise_draws(scheduler, num_inference_steps: int, dtype: torch.dtype) -> list:
+    """Which of its steps a sampler draws noise in, and of which dtype, for a model
+    output of `dtype`: [(step index, dtype), ...] in the order it draws them (Euler
+    ancestral: every step; LCM: every step but the last; Euler, DPM++ 2M, UniPC and DDIM
+    with eta 0: none). Found by running a copy of the sampler on a tiny zero sample, so
+    that it holds for any sampler and configuration without a list to keep up to date."""
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(num_inference_steps, device="cpu")
+    start_at_first_step(scheduler)
+    step = noise_injecting_step(type(scheduler))
+    recorder = _DrawRecorder()
+    kwargs = step_kwargs(scheduler, recorder)
+    sample = torch.zeros((1, 4, 8, 8), dtype=dtype)
+    for index, t in enumerate(scheduler.timesteps):
+        recorder.step = index
+        scaled = scheduler.scale_model_input(sample, t)
+        output = torch.zeros_like(scaled)
+        sample = step(scheduler, output, t, sample, **kwargs, return_dict=False)[0]
+    return recorder.made
 
 
 # -- the fp16-safe VAE ----------------------------------------------------------------------
@@ -156,3 +269,26 @@ def decode_latents(vae, latents: torch.Tensor, upcast: bool = False) -> torch.Te
         log.warning("fp16 VAE decode overflowed; decoding again in float32")
     with vae_in_float32(vae):
         return vae.decode(latents.float(), return_dict=False)[0]
+
+
+# -- pixels to pictures ---------------------------------------------------------------------
+
+
+def to_uint8(pixels: torch.Tensor, image_processor) -> torch.Tensor:
+    """The decoded pixels (N, 3, H, W in [-1, 1]) as 8-bit images (N, H, W, 3), computed
+    where the pixels are, so that one copy of bytes leaves the device instead of floats.
+
+    The same arithmetic as the stock pipelines' `image_processor.postprocess(..., "pil")`
+    to the bit: denormalised in the pixels' dtype (`x * 0.5 + 0.5`, clamped to [0, 1]),
+    then float32, times 255, rounded half to even (numpy's `round` and torch's agree) and
+    cast, which the stock path does in numpy on the host."""
+    if image_processor.config.do_normalize:
+        pixels = image_processor.denormalize(pixels)
+    return (pixels.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)
+
+
+def pil_images(images: torch.Tensor) -> list:
+    """PIL pictures of 8-bit images (N, H, W, 3) on any device: one copy to the host."""
+    from PIL import Image
+
+    return [Image.fromarray(image) for image in images.cpu().numpy()]

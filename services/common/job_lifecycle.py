@@ -33,8 +33,11 @@ class JobOperation(StrEnum):
     create = "create"  # the API accepted the job
     claim = "claim"  # a worker takes the job its message named
     claim_queued = "claim_queued"  # a worker takes a waiting job into its batch
-    renew_lease = "renew_lease"  # the worker's heartbeat
-    report_progress = "report_progress"  # a denoising step done (renews the lease too)
+    # The worker's progress publisher, for all its jobs in one round trip
+    # (JobStore.report_progress_many): a lease renewal, and the denoising's progress
+    # (renewing the lease too, in JobStore.report_progress).
+    renew_lease = "renew_lease"
+    report_progress = "report_progress"
     succeed = "succeed"
     fail = "fail"  # the worker could not run it
     fail_unqueued = "fail_unqueued"  # the API could not queue it

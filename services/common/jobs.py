@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -154,6 +154,81 @@ class Claim(NamedTuple):
     took_over: bool
 
 
+class ProgressReport(NamedTuple):
+    """One job's share of JobStore.report_progress_many."""
+
+    # The record exactly as this claim last wrote it: the claim itself, or what
+    # report_progress_many returned for it last time.
+    job: EditJob
+    # The new progress; None: unchanged.
+    progress: Progress | None = None
+    # Extend the lease to `lease` from now.
+    renew: bool = False
+
+
+# Compare-and-set of several records in one round trip (and as few commands as can be: one
+# per job). Per job: if its record is still byte for byte what the worker last wrote (so
+# the lifecycle allowed that worker's operations on it then, and nobody changed it since),
+# the new record replaces it and, when the lease was renewed, the index of unfinished jobs
+# gets its new deadline. The write reads the old record in the same command (SET ... GET);
+# if that was not the expected one, it is put back at once, and returned for the caller
+# to judge against the lifecycle. Atomic: nobody ever sees the record in between.
+#   KEYS[1]: the index of unfinished jobs; KEYS[i + 1]: job i's record
+#   ARGV, per job: its id, the record as last written, the new record ('' to only look)
+#   and the lease's new deadline ('' when not renewed)
+# Returns per job: 1 (as expected: written if asked), its current record, or 0 (none).
+_PROGRESS_SCRIPT = """
+local out = {}
+for i = 2, #KEYS do
+  local a = (i - 2) * 4 + 1
+  local new = ARGV[a + 2]
+  local raw
+  if new ~= '' then
+    raw = redis.call('SET', KEYS[i], new, 'KEEPTTL', 'GET')
+  else
+    raw = redis.call('GET', KEYS[i])
+  end
+  if raw == ARGV[a + 1] then
+    if ARGV[a + 3] ~= '' then
+      redis.call('ZADD', KEYS[1], ARGV[a + 3], ARGV[a])
+    end
+    out[#out + 1] = 1
+  else
+    if new ~= '' then
+      if raw then
+        redis.call('SET', KEYS[i], raw, 'KEEPTTL')
+      else
+        redis.call('DEL', KEYS[i])
+      end
+    end
+    out[#out + 1] = raw or 0
+  end
+end
+return out
+"""
+
+
+def _report_operation(report: ProgressReport) -> JobOperation:
+    """The lifecycle operation a report amounts to (a mere look is judged as a renewal:
+    whether the claim still holds)."""
+    return JobOperation.report_progress if report.progress is not None else JobOperation.renew_lease
+
+
+# `create` without reading first: the record is written only where there is none (SET NX,
+# which also returns the record that stands in the way), and indexed only then.
+#   KEYS: the record, the index of unfinished jobs; ARGV: the record, its TTL, its
+#   deadline in the index, the job's id
+# Returns 1 (created) or the record that was there.
+_CREATE_SCRIPT = """
+local old = redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX', 'GET')
+if old then
+  return old
+end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
+
+
 # What an operation queues into the MULTI once the lifecycle allowed it: given the current
 # record (None only where the rule allows no record) and the time, returns the result.
 Write = Callable[[redis.client.Pipeline, "EditJob | None", datetime], Any]
@@ -184,6 +259,10 @@ class JobStore:
         self.namespace = namespace
         self.redeliver_after_s = redeliver_after_s
         self._active = f"{namespace}:active"
+        # Every batch key with (possibly) pending jobs: where a worker looks for its next
+        # batch. A key may stay listed a while after its last job left.
+        self._pending_keys = f"{namespace}:pending-keys"
+        self._shas: dict[str, str] = {}  # Lua scripts' SHA1s, once loaded
 
     def _key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
@@ -197,14 +276,17 @@ class JobStore:
     # -- the lifecycle's operations ----------------------------------------------------
 
     def create(self, job: EditJob) -> EditJob:
-        def write(pipe, _, now):
-            created = job.model_copy(update={"status": JobStatus.queued})
-            pipe.set(self._key(job.id), created.model_dump_json(), ex=self.ttl_s)
-            deadline = job.created_at.timestamp() + self.redeliver_after_s
-            pipe.zadd(self._active, {job.id: deadline})
-            return created
-
-        return self._apply(JobOperation.create, job.id, write)
+        """Record a new job, queued, and index it as unfinished: one round trip, refused
+        (TransitionRefused) where the id already has a record: the lifecycle allows
+        `create` from no status at all (job_lifecycle.py), which SET NX enforces."""
+        created = job.model_copy(update={"status": JobStatus.queued})
+        deadline = job.created_at.timestamp() + self.redeliver_after_s
+        keys = [self._key(job.id), self._active]
+        args = [created.model_dump_json(), self.ttl_s, repr(deadline), job.id]
+        reply = self._script(_CREATE_SCRIPT, keys, args)
+        if reply != 1:
+            raise TransitionRefused(EditJob.model_validate_json(reply))
+        return created
 
     def claim(self, job_id: str, lease: timedelta, queued_only: bool = False) -> Claim:
         """Take the job for a worker, under a new owner token and a lease of `lease`.
@@ -249,6 +331,88 @@ class JobStore:
             },
             owner=job.lease_owner,
         )
+
+    def report_progress_many(
+        self, reports: Sequence[ProgressReport], lease: timedelta
+    ) -> list[EditJob | TransitionRefused | JobNotFound]:
+        """Progress and lease renewals of a worker's jobs, in one round trip to Redis.
+
+        Per job: `report_progress` when its progress is given, else `renew_lease` when
+        `renew`, else only a look at whether the claim still holds. Returns per job the
+        record as it now stands when the claim holds (the `job` of its next report), or
+        TransitionRefused (canceled, finished, taken over) or JobNotFound, not raised.
+
+        Compare-and-set on the whole record: a record that is still what this claim last
+        wrote is rewritten in the same round trip; one that changed otherwise is judged
+        by the lifecycle table like every other operation (and, if the claim still
+        holds, updated through it).
+        """
+        if not reports:
+            return []
+        now = utcnow()
+        keys: list[str] = [self._active]
+        args: list[str] = []
+        updated: list[EditJob | None] = []
+        for report in reports:
+            changes: dict[str, Any] = {}
+            if report.progress is not None:
+                changes["progress"] = report.progress
+            if report.renew:
+                changes["lease_expires_at"] = now + lease
+            # The same record byte for byte means the same verdict (the rule's guard,
+            # holds_claim, does not depend on the time): a copy the lifecycle refuses
+            # is only compared, never written.
+            allowed = LIFECYCLE[_report_operation(report)].allows(
+                report.job, report.job.lease_owner, now
+            )
+            new = report.job.model_copy(update=changes) if allowed else None
+            updated.append(new)
+            keys.append(self._key(report.job.id))
+            args += [
+                report.job.id,
+                report.job.model_dump_json(),
+                new.model_dump_json() if new is not None and changes else "",
+                repr(new.lease_expires_at.timestamp()) if new is not None and report.renew else "",
+            ]
+        replies = self._script(_PROGRESS_SCRIPT, keys, args)
+        results: list[EditJob | TransitionRefused | JobNotFound] = []
+        for report, new, reply in zip(reports, updated, replies, strict=True):
+            if reply == 1:
+                results.append(new if new is not None else TransitionRefused(report.job))
+            elif reply == 0:
+                results.append(JobNotFound(report.job.id))
+            else:
+                current = EditJob.model_validate_json(reply)
+                results.append(self._judge_report(report, current, lease))
+        return results
+
+    def _script(self, source: str, keys: list[str], args: list) -> Any:
+        """Run a Lua script by its SHA, loading it first where Redis does not know it."""
+        sha = self._shas.get(source)
+        if sha is None:
+            sha = self._shas[source] = self.redis.script_load(source)
+        try:
+            return self.redis.evalsha(sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:  # Redis restarted or its scripts flushed
+            self._shas[source] = self.redis.script_load(source)
+            return self.redis.evalsha(self._shas[source], len(keys), *keys, *args)
+
+    def _judge_report(
+        self, report: ProgressReport, current: EditJob, lease: timedelta
+    ) -> EditJob | TransitionRefused | JobNotFound:
+        """A report whose record changed since the claim last wrote it."""
+        operation = _report_operation(report)
+        if not LIFECYCLE[operation].allows(current, report.job.lease_owner, utcnow()):
+            return TransitionRefused(current)
+        try:
+            if report.progress is not None:
+                step, total = report.progress.step, report.progress.total
+                return self.report_progress(current, step, total, lease)
+            if report.renew:
+                return self.renew_lease(current, lease)
+        except (TransitionRefused, JobNotFound) as refused:
+            return refused
+        return current
 
     def succeed(self, job: EditJob, output_keys: list[str]) -> EditJob:
         return self._finish(JobOperation.succeed, job.id, job.lease_owner, output_keys=output_keys)
@@ -373,7 +537,37 @@ class JobStore:
         return f"{self.namespace}:pending:{key}"
 
     def add_pending(self, job: EditJob) -> None:
-        self.redis.zadd(self._pending_key(job.batch_key), {job.id: job.created_at.timestamp()})
+        with self.redis.pipeline() as pipe:
+            pipe.sadd(self._pending_keys, job.batch_key)
+            pipe.zadd(self._pending_key(job.batch_key), {job.id: job.created_at.timestamp()})
+            pipe.execute()
+
+    def oldest_pending(self, limit: int) -> tuple[str, list[str]] | None:
+        """The batch key whose oldest pending job waits longest, and up to `limit` of its
+        pending jobs, oldest first; None when no job is pending."""
+        batch_keys = [k.decode() for k in self.redis.smembers(self._pending_keys)]
+        if not batch_keys:
+            return None
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in batch_keys:
+                pipe.zrange(self._pending_key(key), 0, 0, withscores=True)
+            oldest = pipe.execute()
+        waiting = {key: first[0][1] for key, first in zip(batch_keys, oldest, strict=True) if first}
+        empty = [key for key in batch_keys if key not in waiting]
+        if empty:
+            # A job pending meanwhile under one of them is still run by its own message.
+            self.redis.srem(self._pending_keys, *empty)
+        if not waiting:
+            return None
+        key = min(waiting, key=waiting.__getitem__)
+        return key, self.pending(key, limit)
+
+    def get_many(self, job_ids: Sequence[str]) -> list[EditJob | None]:
+        """The records of `job_ids` in one round trip (None where there is none)."""
+        if not job_ids:
+            return []
+        raws = self.redis.mget([self._key(job_id) for job_id in job_ids])
+        return [None if raw is None else EditJob.model_validate_json(raw) for raw in raws]
 
     def pending(self, key: str, limit: int) -> list[str]:
         return [i.decode() for i in self.redis.zrange(self._pending_key(key), 0, limit - 1)]

@@ -2,14 +2,54 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_EDIT_MODEL = "timbrooks/instruct-pix2pix"
 DEFAULT_DATAGEN_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8)
+_BUCKET_SIZE = re.compile(r"^\d+x\d+$")
+
+
+def parse_batch_buckets(value: object) -> object:
+    """ "1,2,4,8" (the environment's form) as (1, 2, 4, 8); anything else as it is."""
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        try:
+            return tuple(int(part) for part in parts)
+        except ValueError:
+            message = f"batch buckets are whole numbers separated by commas: {value!r}"
+            raise ValueError(message) from None
+    return value
+
+
+def check_batch_buckets(value: tuple[int, ...]) -> tuple[int, ...]:
+    if not value or any(size < 1 for size in value):
+        raise ValueError(f"batch buckets are sizes of at least 1, at least one: {value!r}")
+    return tuple(sorted(set(value)))
+
+
+def check_warmup_buckets(value: str | None) -> str | None:
+    """None or blank: the engine's default; "all"; or sizes "WxH" separated by commas."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip().lower()
+    sizes = [part.strip() for part in value.split(",")]
+    if value != "all" and not all(_BUCKET_SIZE.match(size) for size in sizes):
+        raise ValueError(f'warm-up buckets are "all" or sizes like "512x512,640x384": {value!r}')
+    return value if value == "all" else ",".join(sizes)
+
+
+# The two engine settings with a syntax of their own, as types: the settings and the
+# engine's options (services/gpu_worker/engine.py) validate them alike.
+BatchBuckets = Annotated[
+    tuple[int, ...], BeforeValidator(parse_batch_buckets), AfterValidator(check_batch_buckets)
+]
+WarmupBuckets = Annotated[str | None, AfterValidator(check_warmup_buckets)]
 
 
 class Settings(BaseSettings):
@@ -38,7 +78,14 @@ class Settings(BaseSettings):
 
     # Dynamic batching: a worker runs up to `max_batch` compatible jobs in one UNet call,
     # waiting at most `batch_window_ms` for more to arrive (0: take what is queued, at once).
+    # The engine counts a batch in outputs (the UNet's samples: a job's num_outputs each)
+    # and runs at most max(max_batch, 4) of them per UNet call: more run in turn.
     max_batch: int = Field(8, ge=1, le=64)
+    # The batch sizes, in outputs, a compiled UNet runs at: a batch is padded up to the
+    # next one (3 outputs run as 4, the padding's results discarded), so that the UNet sees
+    # a few fixed shapes; those above max(max_batch, 4) are dropped and that is added as the
+    # largest. "1,2,4,8" in the environment. An eager UNet runs batches at their own size.
+    batch_buckets: Annotated[BatchBuckets, NoDecode] = DEFAULT_BATCH_BUCKETS
     batch_window_ms: int = Field(0, ge=0, le=5000)
     # A running job's claim, renewed by the worker's heartbeat (every third of it), so it
     # only lapses when the worker that holds it died; then another may take the job over.
@@ -53,10 +100,23 @@ class Settings(BaseSettings):
     # "reduce-overhead" (fused kernels + CUDA graphs, diffusers' advice) compiles in a minute
     # or two; "max-autotune" also searches GEMM configurations, adding many minutes to every
     # worker start for a few percent.
+    # Compiled with static shapes (fullgraph, one graph per resolution bucket x batch
+    # bucket x guidance mode), every one of them at worker start (warmup_buckets).
     compile_unet: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "reduce-overhead"
     warmup: bool = True
-    # Memory fallbacks for small GPUs or large images.
+    # The resolution buckets warmed up at worker start: "all" of the engine's, or sizes
+    # "512x512,640x384". Unset: all of them with compile_unet (each with every batch
+    # bucket, with and without guidance: nothing compiles after start), else the square
+    # bucket at one output, guided.
+    warmup_buckets: WarmupBuckets = None
+    # The UNet's attention: PyTorch's scaled_dot_product_attention ("sdpa": flash or
+    # memory-efficient kernels on CUDA, and traceable by torch.compile), xformers (when
+    # installed; it breaks torch.compile's graph, so a compiled UNet keeps SDPA), or sliced
+    # attention (least memory, slowest).
+    attention: Literal["sdpa", "xformers", "sliced"] = "sdpa"
+    # Memory fallbacks for small GPUs or large images. attention_slicing is attention="sliced"
+    # (kept for existing deployments).
     attention_slicing: bool = False
     vae_tiling: bool = False
     text_embedding_cache_size: int = Field(512, ge=0)
@@ -80,6 +140,13 @@ class Settings(BaseSettings):
     # The worker's Prometheus endpoint (served by the Celery parent for all its pool
     # processes); 0 turns it off.
     worker_metrics_port: int = Field(9100, ge=0, le=65535)
+
+    # The edit worker's pipelining (services/gpu_worker/edit_job.py). Threads that read and
+    # decode inputs and make, encode and store outputs while the GPU denoises.
+    io_threads: int = Field(4, ge=1, le=64)
+    # Batches a worker task runs after its own, from the oldest pending jobs, whose inputs
+    # it read while the batch before denoised (0: one batch a task).
+    prefetch_batches: int = Field(4, ge=0, le=64)
 
 
 @lru_cache

@@ -34,6 +34,15 @@ class EngineInfo(BaseModel):
     max_batch: int
     # The area budget of its resolution buckets, as a side length (buckets.py).
     resolution: int = 512
+    # The batch sizes, in outputs, a compiled UNet runs at (INSTRUCTEDIT_BATCH_BUCKETS,
+    # capped); None for an eager one, which runs batches at their own size (and from
+    # workers that did not report them).
+    batch_buckets: list[int] | None = None
+    # Seconds the warm-up at worker start took (compiling every shape, with compile_unet);
+    # None before the warm-up, or without one.
+    warmup_s: float | None = None
+    # Graphs the compiled UNet holds after the warm-up; None when it is not compiled.
+    unet_graphs: int | None = None
 
 
 class EngineStatus(EngineInfo):

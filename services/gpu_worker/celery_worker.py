@@ -103,8 +103,9 @@ def _setup_process() -> None:
     try:
         info = engine.setup()
         if settings.warmup:
-            sizes = [1, settings.max_batch] if settings.compile_unet else [1]
-            engine.warmup(batch_sizes=sorted(set(sizes)))
+            # Every (resolution bucket x batch bucket x guidance) shape the settings put
+            # in use when the UNet is compiled; the square bucket alone when it is not.
+            info = engine.warmup()
         WorkerRegistry(client).keep_announcing(
             EngineStatus(
                 **info.model_dump(),
@@ -125,6 +126,9 @@ def _setup_process() -> None:
         lease_s=settings.job_lease_s,
         engine_error=engine_error,
         observer=MetricsObserver(),
+        io_threads=settings.io_threads,
+        prefetch_batches=settings.prefetch_batches,
+        max_task_s=settings.task_soft_time_limit_s,
     )
 
 

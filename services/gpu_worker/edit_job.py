@@ -6,12 +6,21 @@ A queue message names one job. The worker claims it, then also claims up to
 `max_batch - 1` other queued jobs with the same batch key (from the pending index the API
 keeps) and runs them together. Their own messages arrive later and find nothing to do.
 
-A claim is a lease with an owner token, kept alive by a heartbeat thread while the worker
-holds the job. If the worker dies, the lease lapses and whichever message comes next for
-the job (redelivered, deferred until then, or sent again by the reaper) runs it again.
-Every later change the worker makes checks the token, so a worker that lost its claim
-can neither move the job nor publish outputs; outputs are written under the claim's own
-keys, so it never overwrites those of the worker that took over.
+A claim is a lease with an owner token, kept alive while the worker holds the job by the
+progress publisher (progress.py), a background thread that also publishes the jobs'
+progress and learns of cancels, so that the denoising loop never waits on Redis. If the
+worker dies, the lease lapses and whichever message comes next for the job (redelivered,
+deferred until then, or sent again by the reaper) runs it again. Every later change the
+worker makes checks the token, so a worker that lost its claim can neither move the job
+nor publish outputs; outputs are written under the claim's own keys, so it never
+overwrites those of the worker that took over.
+
+The GPU is kept busy: the inputs of a batch are read and decoded on a thread pool, all at
+once; the outputs of every job are made, encoded and stored on that pool while the next
+batch already denoises; and halfway through a batch the inputs of the next one (the
+oldest pending jobs of any batch key) are read and decoded ahead, without claiming them,
+so that an idle worker elsewhere can still take them. When the batch is done they are
+claimed and run in the same task, up to `prefetch_batches` more batches a task.
 """
 
 from __future__ import annotations
@@ -21,10 +30,10 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import timedelta
 
-import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
@@ -50,18 +59,18 @@ from services.common.jobs import (
 )
 from services.common.logging import bind_request_id
 from services.common.storage import ObjectNotFound, Storage, StorageError
-from services.gpu_worker.engine import EditEngine, EditRequest, LeaveBatch, is_out_of_memory
+from services.gpu_worker.engine import EditEngine, EditRequest, is_out_of_memory
 from services.gpu_worker.full_resolution import to_output
+from services.gpu_worker.progress import (
+    PROGRESS_INTERVAL_S,
+    ClaimLost,
+    JobCanceled,
+    ProgressPublisher,
+)
+
+__all__ = ["ClaimLost", "Deferred", "EditRunner", "JobCanceled", "JobFailure"]
 
 log = logging.getLogger(__name__)
-
-
-class JobCanceled(LeaveBatch):
-    """The API canceled the job: it leaves the batch at the next step."""
-
-
-class ClaimLost(LeaveBatch):
-    """Another worker took the job over (this one was presumed dead): leave it to them."""
 
 
 class JobFailure(Exception):
@@ -80,13 +89,37 @@ class Deferred:
 
 
 @dataclass
-class _Loaded:
-    job: EditJob
-    request: EditRequest
+class _Inputs:
+    """A job's images, read and decoded (which needs no claim)."""
+
     # The upright sRGB input at its own size and the job's mask at that size: what the
     # outputs are made at full resolution from, and what a mask keeps exactly.
     original: Image.Image
     mask: Image.Image | None
+    # What the model gets: both at the job's resolution bucket.
+    model_input: Image.Image
+    model_mask: Image.Image | None
+
+
+@dataclass
+class _Loaded:
+    job: EditJob
+    request: EditRequest
+    original: Image.Image
+    mask: Image.Image | None
+
+
+@dataclass
+class _Prefetch:
+    """The next batch's inputs, read ahead while the current batch denoises."""
+
+    go: threading.Event = field(default_factory=threading.Event)  # set halfway through
+    abandoned: bool = False
+    future: Future | None = None
+
+
+# Unclaimed jobs whose inputs were read ahead, with their images.
+Prefetched = list[tuple[EditJob, _Inputs]]
 
 
 class EditRunner:
@@ -100,6 +133,10 @@ class EditRunner:
         lease_s: float = 60.0,
         engine_error: str | None = None,
         observer=None,
+        io_threads: int = 4,
+        prefetch_batches: int = 0,
+        max_task_s: float | None = None,
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
     ) -> None:
         self.engine = engine
         self.jobs = jobs
@@ -109,10 +146,24 @@ class EditRunner:
         self.lease = timedelta(seconds=lease_s)
         self.engine_error = engine_error
         self.observer = observer
+        # Batches a task runs after the one its message started (0: none), as long as
+        # twice its longest batch still fits in `max_task_s` (the task's time limit).
+        self.prefetch_batches = prefetch_batches
+        self.max_task_s = max_task_s
+        self.progress_interval_s = progress_interval_s
+        # Reading, decoding, making and encoding images, storing them: Pillow, zlib, the
+        # storage clients and torch release the GIL for most of it.
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="edit-io")
+        # One per job being finished, waiting for its outputs on the pool above (a job
+        # is recorded once all its outputs are stored): never blocks the pool itself.
+        self._finishers = ThreadPoolExecutor(max(max_batch, 2), thread_name_prefix="edit-finish")
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="edit-prefetch")
+        self._publisher: ProgressPublisher | None = None
+        self._prefetch: _Prefetch | None = None
 
     # -- entry point -------------------------------------------------------------------
 
-    def handle(self, job_id: str) -> dict[str, JobStatus] | Deferred | None:
+    def handle(self, job_id: str) -> dict[str, JobStatus | None] | Deferred | None:
         """Run the job named by a queue message, with whatever can join it.
 
         Returns each run job's final status, Deferred when another live worker holds the
@@ -130,41 +181,37 @@ class EditRunner:
                 return Deferred(max(wait, 0.0) + 0.5)
             log.info("job %s is %s; not running it", job_id, held.status)
             return None
-        with bind_request_id(job.request_id, job.id), self._heartbeat([job]) as held:
+        with bind_request_id(job.request_id, job.id), self._holding() as publisher:
+            publisher.hold(job)
             batch = [job, *self._gather(job)]
-            held.extend(batch[1:])
-            return self.run(batch)
+            return self._run_batches(batch, prefetch=True)
+
+    def run(self, batch: list[EditJob]) -> dict[str, JobStatus | None]:
+        """Run claimed jobs; every one of them ends here, whatever goes wrong."""
+        with self._holding() as publisher:
+            for job in batch:
+                publisher.hold(job)
+            return self._run_batches(batch, prefetch=False)
 
     @contextlib.contextmanager
-    def _heartbeat(self, jobs: list[EditJob]) -> Iterator[list[EditJob]]:
-        """Renew the leases of the held jobs every third of a lease until the block ends:
-        loading, batching, decoding and writing outputs are covered, not only the steps.
-        Yields the list of held jobs, which the caller may extend."""
-        held = list(jobs)
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.wait(self.lease.total_seconds() / 3):
-                for job in list(held):
-                    try:
-                        self.jobs.renew_lease(job, self.lease)
-                    except (TransitionRefused, JobNotFound):
-                        held.remove(job)  # finished, canceled or taken over
-                    except redis.RedisError as exc:
-                        log.warning("could not renew the lease of job %s: %s", job.id, exc)
-
-        thread = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)
-        thread.start()
-        try:
-            yield held
-        finally:
-            stop.set()
-            thread.join(timeout=5)  # a beat stuck on a dead Redis must not hold the task
+    def _holding(self) -> Iterator[ProgressPublisher]:
+        """The publisher of the held jobs' progress, leases and cancels, for this task."""
+        if self._publisher is not None:
+            yield self._publisher
+            return
+        with ProgressPublisher(self.jobs, self.lease, self.progress_interval_s) as publisher:
+            self._publisher = publisher
+            try:
+                yield publisher
+            finally:
+                self._publisher = None
 
     # -- claiming ----------------------------------------------------------------------
 
     def _claim(self, job_id: str, queued_only: bool = False) -> EditJob:
         claim = self.jobs.claim(job_id, self.lease, queued_only=queued_only)
+        if self._publisher is not None:
+            self._publisher.hold(claim.job)
         if self.observer and not claim.took_over:
             self.observer.job_started(claim.job)
         return claim.job
@@ -193,56 +240,106 @@ class EditRunner:
 
     # -- running -----------------------------------------------------------------------
 
-    def run(self, batch: list[EditJob]) -> dict[str, JobStatus | None]:
-        """Run claimed jobs; every one of them ends here, whatever goes wrong."""
+    def _run_batches(self, batch: list[EditJob], prefetch: bool) -> dict[str, JobStatus | None]:
+        """Run `batch`, then (with `prefetch`) the batches read ahead while it ran. Every
+        job claimed here ends here, whatever goes wrong."""
         results: dict[str, JobStatus | None] = {}
+        claimed = list(batch)
+        finishing: list[tuple[EditJob, Future]] = []
+        started = time.monotonic()
+        longest = 0.0
         try:
-            self._run_into(batch, results)
+            loaded = self._load_all(batch, results)
+            for extra in range(self.prefetch_batches + 1 if prefetch else 1):
+                round_started = time.monotonic()
+                ahead = (
+                    self._start_prefetch() if extra < self.prefetch_batches and prefetch else None
+                )
+                try:
+                    self._run_loaded(loaded, results, finishing)
+                finally:
+                    upcoming = self._end_prefetch(ahead)
+                longest = max(longest, time.monotonic() - round_started)
+                if not upcoming:
+                    break
+                elapsed = time.monotonic() - started
+                if self.max_task_s is not None and elapsed + 2 * longest > self.max_task_s:
+                    log.info("not running more batches in this task: its time limit is near")
+                    break
+                loaded = self._claim_prefetched(upcoming, claimed)
+                if not loaded:
+                    break
+            self._wait_finishing(finishing, results)
         except Exception as exc:
             # Anything unforeseen (a bug, a time limit outside the engine): fail what is
             # still running rather than leave it `running` until its lease lapses.
             if isinstance(exc, SoftTimeLimitExceeded):
                 error = JobError.of(JobErrorCode.timeout)
             else:
-                log.exception("running batch %s failed", [job.id for job in batch])
+                log.exception("running batch %s failed", [job.id for job in claimed])
                 error = _internal_error(exc)
-            for job in batch:
+            # Outputs being stored meanwhile land first (or fail) and record their job.
+            with contextlib.suppress(Exception):
+                self._wait_finishing(finishing, results)
+            for job in claimed:
                 if job.id not in results:
                     results[job.id] = self._fail(job, error)
         return results
 
-    def _run_into(self, batch: list[EditJob], results: dict[str, JobStatus | None]) -> None:
+    def _run_loaded(
+        self,
+        loaded: list[_Loaded],
+        results: dict[str, JobStatus | None],
+        finishing: list[tuple[EditJob, Future]],
+    ) -> None:
         groups: dict[str, list[_Loaded]] = {}
-        for job in batch:
-            try:
-                loaded = self._load(job)
-            except JobFailure as failure:
-                results[job.id] = self._fail(job, failure.error)
-                continue
-            key = batch_key(loaded.request.image.size, job.params)
-            groups.setdefault(key, []).append(loaded)
+        for item in loaded:
+            key = batch_key(item.request.image.size, item.job.params)
+            groups.setdefault(key, []).append(item)
         # Jobs normally share one key; a worker serving another resolution budget than
         # the API keys by sees other buckets, so group by what the engine really gets.
         for group in groups.values():
-            self._run_group(group, results)
+            self._run_group(group, results, finishing)
+
+    def _load_all(self, batch: list[EditJob], results: dict[str, JobStatus | None]):
+        """The batch's inputs, read and decoded all at once; a job whose inputs are
+        unusable fails alone."""
+        futures = [(job, self._io.submit(self._load_inputs, job)) for job in batch]
+        loaded: list[_Loaded] = []
+        for job, future in futures:
+            try:
+                inputs = future.result()
+            except JobFailure as failure:
+                results[job.id] = self._fail(job, failure.error)
+                continue
+            loaded.append(self._loaded(job, inputs))
+        return loaded
 
     def _load(self, job: EditJob) -> _Loaded:
+        return self._loaded(job, self._load_inputs(job))
+
+    def _load_inputs(self, job: EditJob) -> _Inputs:
         if self.engine is None:
             raise JobFailure(JobErrorCode.model_unavailable, self.engine_error)
-        raw = self._read(job.input_key, "the input image")
-        try:
-            original = prepare_input(decode_image(raw).image)
-            mask = None
-            if job.mask_key:
-                mask_data = self._read(job.mask_key, "the mask")
-                mask = prepare_mask(mask_data, original.size, job.params.mask_invert)
-        except ImageRejected as exc:
-            raise JobFailure(JobErrorCode.input_invalid, exc.message) from None
-        bucket = self.engine.bucket_for(*original.size)
-        model_input = _resized(original, bucket, Image.Resampling.LANCZOS)
-        model_mask = None if mask is None else _resized(mask, bucket, Image.Resampling.BILINEAR)
-        request = EditRequest(model_input, job.params, self._progress_reporter(job), model_mask)
-        return _Loaded(job, request, original, mask)
+        with bind_request_id(job.request_id, job.id):
+            raw = self._read(job.input_key, "the input image")
+            try:
+                original = prepare_input(decode_image(raw).image)
+                mask = None
+                if job.mask_key:
+                    mask_data = self._read(job.mask_key, "the mask")
+                    mask = prepare_mask(mask_data, original.size, job.params.mask_invert)
+            except ImageRejected as exc:
+                raise JobFailure(JobErrorCode.input_invalid, exc.message) from None
+            bucket = self.engine.bucket_for(*original.size)
+            model_input = _resized(original, bucket, Image.Resampling.LANCZOS)
+            model_mask = None if mask is None else _resized(mask, bucket, Image.Resampling.BILINEAR)
+            return _Inputs(original, mask, model_input, model_mask)
+
+    def _loaded(self, job: EditJob, inputs: _Inputs) -> _Loaded:
+        on_step = self._step_callback(job) if self._publisher is not None else None
+        request = EditRequest(inputs.model_input, job.params, on_step, inputs.model_mask)
+        return _Loaded(job, request, inputs.original, inputs.mask)
 
     def _read(self, key: str, what: str) -> bytes:
         try:
@@ -252,23 +349,43 @@ class EditRunner:
         except StorageError as exc:
             raise JobFailure(JobErrorCode.storage_error, f"could not read {what}: {exc}") from None
 
-    def _progress_reporter(self, job: EditJob):
+    def _step_callback(self, job: EditJob):
+        """The job's `on_step`: no Redis (the publisher's in-memory progress and flags);
+        halfway through, it starts reading the next batch's inputs."""
+        report = self._publisher.on_step(job.id)
+
         def on_step(step: int, total: int) -> None:
-            try:
-                self.jobs.report_progress(job, step, total, self.lease)
-            except TransitionRefused as refused:
-                # It leaves the batch before the next step.
-                if refused.job.status == JobStatus.canceled:
-                    raise JobCanceled from None
-                raise ClaimLost from None  # another worker holds or finished it
+            report(step, total)  # raises JobCanceled or ClaimLost: the job leaves the batch
+            if 2 * step >= total and (ahead := self._prefetch) is not None:
+                ahead.go.set()
 
         return on_step
 
-    def _run_group(self, group: list[_Loaded], results: dict[str, JobStatus | None]) -> None:
+    def _run_group(
+        self,
+        group: list[_Loaded],
+        results: dict[str, JobStatus | None],
+        finishing: list[tuple[EditJob, Future]],
+    ) -> None:
+        publisher = self._publisher
+        # Canceled (or taken over) while its inputs were read: it does not run at all.
+        running = []
+        for item in group:
+            leave = publisher.leaving(item.job.id) if publisher else None
+            if leave is None:
+                running.append(item)
+            else:
+                with bind_request_id(item.job.request_id, item.job.id):
+                    results[item.job.id] = self._record_outcome(item, leave(), 0.0)
+        group = running
+        if not group:
+            return
         started = time.perf_counter()
         failure: JobError | None = None
+        denoising = publisher.denoising if publisher else _no_publisher
         try:
-            outcomes = self.engine.predict_batch([item.request for item in group])
+            with denoising([item.job.id for item in group]):
+                outcomes = self.engine.predict_batch([item.request for item in group])
         except SoftTimeLimitExceeded:
             failure = JobError.of(JobErrorCode.timeout)
         except Exception as exc:
@@ -284,7 +401,7 @@ class EditRunner:
                 # The batch was too big, not necessarily any one job: run them one by one.
                 log.warning("batch of %d ran out of GPU memory; running its jobs alone", len(group))
                 for item in group:
-                    self._run_group([item], results)
+                    self._run_group([item], results, finishing)
                 return
         if failure is not None:
             for item in group:
@@ -292,10 +409,98 @@ class EditRunner:
             return
         engine_s = time.perf_counter() - started
         for item, outcome in zip(group, outcomes, strict=True):
-            with bind_request_id(item.job.request_id, item.job.id):
-                results[item.job.id] = self._record_outcome(item, outcome, engine_s)
+            if isinstance(outcome, BaseException):
+                with bind_request_id(item.job.request_id, item.job.id):
+                    results[item.job.id] = self._record_outcome(item, outcome, engine_s)
+            else:
+                # Made, encoded and stored while the next batch denoises.
+                future = self._finishers.submit(self._finish_job, item, outcome, engine_s)
+                finishing.append((item.job, future))
 
-    def _finish(self, item: _Loaded, edited: Image.Image) -> bytes:
+    def _finish_job(self, item: _Loaded, outcome, engine_s: float) -> JobStatus | None:
+        with bind_request_id(item.job.request_id, item.job.id):
+            return self._record_outcome(item, outcome, engine_s)
+
+    def _wait_finishing(
+        self, finishing: list[tuple[EditJob, Future]], results: dict[str, JobStatus | None]
+    ) -> None:
+        """Wait for every job being finished; re-raise the first unforeseen error once all
+        are done (the caller fails the jobs left without an outcome)."""
+        error: BaseException | None = None
+        while finishing:
+            job, future = finishing.pop(0)
+            try:
+                results[job.id] = future.result()
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+
+    # -- reading the next batch ahead --------------------------------------------------
+
+    def _start_prefetch(self) -> _Prefetch | None:
+        if self.engine is None:
+            return None
+        ahead = _Prefetch()
+        ahead.future = self._prefetcher.submit(self._read_ahead, ahead)
+        self._prefetch = ahead
+        return ahead
+
+    def _end_prefetch(self, ahead: _Prefetch | None) -> Prefetched:
+        """What was read ahead, once the current batch is done (nothing if the batch
+        ended before its halfway step)."""
+        self._prefetch = None
+        if ahead is None:
+            return []
+        ahead.abandoned = not ahead.go.is_set()
+        ahead.go.set()
+        try:
+            return ahead.future.result()
+        except Exception:
+            log.exception("reading the next batch ahead failed")
+            return []
+
+    def _read_ahead(self, ahead: _Prefetch) -> Prefetched:
+        ahead.go.wait()
+        if ahead.abandoned:
+            return []
+        found = self.jobs.oldest_pending(self.max_batch)
+        if found is None:
+            return []
+        _, job_ids = found
+        records = self.jobs.get_many(job_ids)
+        queued = [job for job in records if job is not None and job.status == JobStatus.queued]
+        futures = [(job, self._io.submit(self._load_inputs, job)) for job in queued]
+        ready: Prefetched = []
+        for job, future in futures:
+            try:
+                ready.append((job, future.result()))
+            except Exception as exc:  # its own message runs it, and fails it if it must
+                log.info("not reading job %s ahead: %s", job.id, exc)
+        return ready
+
+    def _claim_prefetched(self, upcoming: Prefetched, claimed: list[EditJob]) -> list[_Loaded]:
+        """Claim the jobs read ahead that are still queued (nobody else took them), each
+        added to `claimed` as soon as it is."""
+        loaded: list[_Loaded] = []
+        for job, inputs in upcoming:
+            try:
+                mine = self._claim(job.id, queued_only=True)
+            except (TransitionRefused, JobNotFound):
+                self.jobs.remove_pending(job.batch_key, job.id)
+                continue
+            claimed.append(mine)
+            loaded.append(self._loaded(mine, inputs))
+        if loaded:
+            first, *others = (item.job for item in loaded)
+            if others:
+                log.info("job %s runs in a batch with %s", first.id, [j.id for j in others])
+            log.info("running %d jobs read ahead in the same task", len(loaded))
+        return loaded
+
+    # -- outcomes ----------------------------------------------------------------------
+
+    def _output(self, item: _Loaded, edited: Image.Image) -> bytes:
         """One output as the client asked for it: at the photo's size with its detail
         kept, or at the model's; masked-out pixels the input's; encoded."""
         params: EditParams = item.job.params
@@ -312,31 +517,55 @@ class EditRunner:
         )
         return encode_output(image, params.output_format, params.output_quality)
 
+    def _store(self, item: _Loaded, edited: Image.Image, key: str) -> None:
+        fmt = OUTPUT_FORMATS[item.job.params.output_format]
+        with bind_request_id(item.job.request_id, item.job.id):
+            self.storage.put(key, self._output(item, edited), fmt.content_type)
+
     def _record_outcome(self, item: _Loaded, outcome, engine_s: float) -> JobStatus | None:
         job = item.job
         if isinstance(outcome, JobCanceled):
+            self._release(job)
             log.info("job %s was canceled while running", job.id)
             self._observe_canceled(job, engine_s)
             return JobStatus.canceled
         if isinstance(outcome, ClaimLost):
+            self._release(job)
             log.warning("job %s was taken over by another worker; leaving it to them", job.id)
             return None
         if isinstance(outcome, BaseException):
             if is_out_of_memory(outcome):
                 return self._fail(job, JobError.of(JobErrorCode.out_of_memory))
             return self._fail(job, _internal_error(outcome))
-        keys: list[str] = []
-        fmt = OUTPUT_FORMATS[job.params.output_format]
-        try:
-            for index, image in enumerate(outcome):
-                data = self._finish(item, image)
-                key = output_key(job.id, index, job.lease_owner or "unowned", fmt.extension)
-                keys.append(key)
-                self.storage.put(key, data, fmt.content_type)
-        except StorageError as exc:
+        # Every output made and stored at once; the job succeeds only once all are stored.
+        extension = OUTPUT_FORMATS[job.params.output_format].extension
+        keys = [
+            output_key(job.id, index, job.lease_owner or "unowned", extension)
+            for index in range(len(outcome))
+        ]
+        futures = [
+            self._io.submit(self._store, item, image, key)
+            for image, key in zip(outcome, keys, strict=True)
+        ]
+        storage_error: StorageError | None = None
+        unforeseen: BaseException | None = None
+        for future in futures:
+            try:
+                future.result()
+            except StorageError as exc:
+                storage_error = storage_error or exc
+            except Exception as exc:
+                unforeseen = unforeseen or exc
+        if unforeseen is not None:
             self._discard(keys)
-            error = JobError.of(JobErrorCode.storage_error, f"could not store the outputs: {exc}")
+            raise unforeseen
+        if storage_error is not None:
+            self._discard(keys)
+            error = JobError.of(
+                JobErrorCode.storage_error, f"could not store the outputs: {storage_error}"
+            )
             return self._fail(job, error)
+        self._release(job)
         try:
             done = self.jobs.succeed(job, keys)
         except (TransitionRefused, JobNotFound) as refused:
@@ -353,6 +582,10 @@ class EditRunner:
             self.observer.job_finished(done, engine_s)
         return JobStatus.succeeded
 
+    def _release(self, job: EditJob) -> None:
+        if self._publisher is not None:
+            self._publisher.release(job.id)
+
     def _discard(self, keys: list[str]) -> None:
         for key in keys:
             try:
@@ -367,6 +600,7 @@ class EditRunner:
             self.observer.job_finished(self.jobs.get(job.id), engine_s)
 
     def _fail(self, job: EditJob, error: JobError) -> JobStatus | None:
+        self._release(job)
         with bind_request_id(job.request_id, job.id):
             log.warning("job %s failed: %s: %s", job.id, error.code, error.message)
         try:
@@ -376,6 +610,11 @@ class EditRunner:
         if self.observer:
             self.observer.job_finished(failed, 0.0)
         return JobStatus.failed
+
+
+@contextlib.contextmanager
+def _no_publisher(job_ids) -> Iterator[None]:
+    yield
 
 
 def _resized(image: Image.Image, size: tuple[int, int], resample) -> Image.Image:

@@ -68,6 +68,11 @@ class _Metrics:
             "Jobs that ended failed, by error code.",
             ["code"],
         )
+        self.unet_recompiles = Counter(
+            "instructedit_unet_recompiles",
+            "UNet graphs torch.compile compiled after the worker's warm-up (each one a "
+            "pause of seconds to minutes for the batch that met a shape warm-up missed).",
+        )
         # One series per pool process (multiprocess mode adds a `pid` label), dropped when
         # the process exits.
         gauge = functools.partial(Gauge, labelnames=["device"], multiprocess_mode="liveall")
@@ -201,6 +206,13 @@ def observe_job_finished(job: EditJob, engine_seconds: float) -> None:
             metrics.steps_per_second.observe(job.progress.step / engine_seconds)
     if job.status == JobStatus.failed:
         metrics.failures.labels(job.error.code if job.error else "unknown").inc()
+
+
+@_never_raise
+def observe_unet_recompiles(count: int) -> None:
+    """The compiled UNet compiled `count` new graphs after warm-up (the engine logs them)."""
+    if count > 0:
+        _get().unet_recompiles.inc(count)
 
 
 @_never_raise

@@ -24,6 +24,7 @@ from services.common.jobs import (
     JobStatus,
     JobStore,
     Progress,
+    ProgressReport,
     TransitionRefused,
     utcnow,
 )
@@ -295,3 +296,78 @@ def test_every_error_code_has_its_message():
         error = JobError.of(code)
         assert error.code == code and error.message
         assert JobError.of(code, "details").message == f"{error.message}: details"
+
+
+# -- the worker's batched progress (JobStore.report_progress_many) ----------------------
+
+
+@pytest.mark.parametrize("state", STATES, ids=lambda s: s.replace(", ", "-").replace(" ", "-"))
+@pytest.mark.parametrize("renew", [True, False], ids=["renew", "progress-only"])
+def test_batched_progress_follows_the_lifecycle(store, state, renew):
+    """report_progress_many writes what report_progress would (and the lease only when
+    renewed), for the same states; elsewhere it reports the refusal, touching nothing."""
+    job = STATES[state](store)
+    before = store.get(job.id)
+    snapshot = Snapshot(store, job)
+    report = ProgressReport(job, Progress(step=1, total=STEPS), renew=renew)
+    start = utcnow()
+    (outcome,) = store.report_progress_many([report], LEASE)
+    end = utcnow()
+
+    if state not in ALLOWED[JobOperation.report_progress]:
+        assert isinstance(outcome, TransitionRefused)
+        assert outcome.job == before
+        assert Snapshot(store, job) == snapshot
+        return
+    after = store.get(job.id)
+    assert outcome == after
+    expected = {field: getattr(before, field) for field in EditJob.model_fields}
+    expected.update(
+        CHANGES[JobOperation.report_progress](before, lambda o=timedelta(0): Within(start, end, o))
+    )
+    if not renew:
+        expected["lease_expires_at"] = before.lease_expires_at
+    for field, value in expected.items():
+        assert value == getattr(after, field), field
+    assert store.redis.zscore(store._active, job.id) == after.lease_expires_at.timestamp()
+    assert 0 < store.redis.ttl(store._key(job.id)) <= 120
+
+
+@pytest.mark.parametrize("state", STATES, ids=lambda s: s.replace(", ", "-").replace(" ", "-"))
+def test_a_batched_look_changes_nothing(store, state):
+    job = STATES[state](store)
+    before = store.get(job.id)
+    snapshot = Snapshot(store, job)
+    (outcome,) = store.report_progress_many([ProgressReport(job)], LEASE)
+    assert Snapshot(store, job) == snapshot
+    if state in ALLOWED[JobOperation.renew_lease]:
+        assert outcome == before
+    else:
+        assert isinstance(outcome, TransitionRefused) and outcome.job == before
+
+
+def test_batched_progress_on_a_record_changed_since_the_worker_wrote_it(store):
+    """The worker's copy is stale (its claim still holds): the lifecycle decides, and the
+    change goes through its operation."""
+    job = running(store)
+    store.renew_lease(job, LEASE * 2)  # behind the worker's back, under its own claim
+    (outcome,) = store.report_progress_many(
+        [ProgressReport(job, Progress(step=2, total=STEPS))], LEASE
+    )
+    after = store.get(job.id)
+    assert outcome == after
+    assert (after.progress.step, after.status) == (2, JobStatus.running)
+
+
+def test_batched_progress_covers_several_jobs_in_one_round_trip(store):
+    held = running(store)
+    canceled = running(store)
+    store.cancel(canceled.id)
+    gone = running(store)
+    store.redis.delete(store._key(gone.id))
+    reports = [ProgressReport(job, Progress(step=3, total=STEPS)) for job in (held, canceled, gone)]
+    done, refused, missing = store.report_progress_many(reports, LEASE)
+    assert done == store.get(held.id) and done.progress.step == 3
+    assert isinstance(refused, TransitionRefused) and refused.job.status == JobStatus.canceled
+    assert isinstance(missing, JobNotFound)
+    assert store.redis.get(store._key(gone.id)) is None  # not brought back

@@ -125,3 +125,43 @@ def test_deleted_job_leaves_the_index(redis_url):
     store.create(job)
     store.delete(job.id)
     assert store.overdue(utcnow() + timedelta(days=1)) == []
+
+
+def _pending_job(store, steps: int, created_at=None) -> EditJob:
+    params = EditParams(prompt="make it red", num_inference_steps=steps)
+    job = EditJob.new(params, "image/png", None, (64, 48))
+    if created_at is not None:
+        job = job.model_copy(update={"created_at": created_at})
+    store.create(job)
+    store.add_pending(job)
+    return job
+
+
+def test_the_oldest_pending_batch_key_is_found_across_keys(store):
+    now = utcnow()
+    newer = _pending_job(store, steps=2, created_at=now)
+    oldest = _pending_job(store, steps=3, created_at=now - timedelta(seconds=5))
+    same_key = _pending_job(store, steps=3, created_at=now - timedelta(seconds=1))
+    assert store.oldest_pending(8) == (oldest.batch_key, [oldest.id, same_key.id])
+    assert store.oldest_pending(1) == (oldest.batch_key, [oldest.id])
+    # Claimed: off the index; a key without pending jobs is forgotten.
+    for job in (oldest, same_key):
+        store.claim(job.id, LEASE, queued_only=True)
+    assert store.oldest_pending(8) == (newer.batch_key, [newer.id])
+    assert store.redis.smembers(store._pending_keys) == {newer.batch_key.encode()}
+    store.cancel(newer.id)
+    assert store.oldest_pending(8) is None
+
+
+def test_records_are_read_together(store):
+    jobs = [_pending_job(store, steps=2) for _ in range(3)]
+    assert store.get_many([j.id for j in jobs] + ["nope"]) == [*jobs, None]
+    assert store.get_many([]) == []
+
+
+def test_a_job_is_created_once(store):
+    job = EditJob.new(EditParams(prompt="x"), "image/png")
+    store.create(job)
+    with pytest.raises(TransitionRefused) as refused:
+        store.create(job.model_copy(update={"input_content_type": "image/jpeg"}))
+    assert refused.value.job == job == store.get(job.id)

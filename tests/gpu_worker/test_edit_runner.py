@@ -2,11 +2,11 @@
 claiming, gathering compatible jobs into one batch, leases and failures."""
 
 import contextlib
+import threading
 import time
 from datetime import timedelta
 
 import pytest
-import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
@@ -18,24 +18,13 @@ from services.common.jobs import (
     JobError,
     JobErrorCode,
     JobStatus,
-    JobStore,
     TransitionRefused,
     utcnow,
 )
-from services.common.storage import FileStorage
+from services.common.storage import StorageError
 from services.gpu_worker.edit_job import ClaimLost, Deferred, EditRunner
+from services.gpu_worker.progress import ProgressPublisher
 from tests.conftest import image_bytes
-
-
-@pytest.fixture
-def jobs(redis_url):
-    return JobStore(redis.Redis.from_url(redis_url), ttl_s=300)
-
-
-@pytest.fixture
-def storage(tmp_path):
-    return FileStorage(tmp_path / "storage")
-
 
 # The tiny model's resolution budget (families/base.py): what the worker buckets by.
 engine_resolution = 128
@@ -133,26 +122,33 @@ def test_missing_engine_fails_jobs_with_its_reason(jobs, storage):
     assert error.code == "model_unavailable" and "CUDA OOM at load" in error.message
 
 
-def test_progress_renews_the_lease(engine, jobs, storage):
+def test_the_publisher_renews_the_leases(engine, jobs, storage):
     job = submit(jobs, storage, steps=3)
     leases = []
-    claim, report_progress = jobs.claim, jobs.report_progress
+    claim, report_many = jobs.claim, jobs.report_progress_many
 
     def claim_spy(*args, **kwargs):
         claimed = claim(*args, **kwargs)
         leases.append(claimed.job.lease_expires_at)
         return claimed
 
-    def progress_spy(*args, **kwargs):
-        job = report_progress(*args, **kwargs)
-        leases.append(job.lease_expires_at)
-        return job
+    def report_spy(reports, lease):
+        outcomes = report_many(reports, lease)
+        leases.extend(o.lease_expires_at for o, r in zip(outcomes, reports, strict=True) if r.renew)
+        return outcomes
 
-    jobs.claim, jobs.report_progress = claim_spy, progress_spy
-    runner(engine, jobs, storage, lease_s=10).handle(job.id)
-    assert len(leases) == 1 + 3  # the claim, then every step
+    def slow_step(module, args):
+        time.sleep(0.1)  # the lease (0.3 s) would lapse twice over without renewal
+
+    jobs.claim, jobs.report_progress_many = claim_spy, report_spy
+    hook = engine.pipe.unet.register_forward_pre_hook(slow_step)
+    try:
+        result = runner(engine, jobs, storage, lease_s=0.3).handle(job.id)
+    finally:
+        hook.remove()
+    assert result == {job.id: JobStatus.succeeded}
+    assert len(leases) >= 1 + 2  # the claim, then a renewal every 0.1 s
     assert leases == sorted(leases)
-    assert all(lease > utcnow() + timedelta(seconds=8) for lease in leases)
 
 
 class SlowStorage:
@@ -197,9 +193,17 @@ def test_a_worker_that_lost_its_claim_publishes_nothing(engine, jobs, storage):
     done = jobs.get(job.id)
     assert done.lease_owner != stale.lease_owner
 
-    # A wakes up: its progress, result and failure are all refused.
-    with pytest.raises(ClaimLost):
-        stale_runner._progress_reporter(stale)(1, 2)
+    # A wakes up: its progress, result and failure are all refused. Its publisher learns
+    # that the claim is lost, and the job leaves A's batch at its next step.
+    with ProgressPublisher(jobs, timedelta(seconds=60)) as publisher:
+        publisher.hold(stale)
+        on_step = publisher.on_step(stale.id)
+        on_step(1, 2)  # in memory only
+        publisher.publish_now()
+        assert publisher.leaving(stale.id) is ClaimLost
+        with pytest.raises(ClaimLost):
+            on_step(2, 2)
+    assert jobs.get(job.id) == done
     loaded = stale_runner._load(stale)
     image = Image.new("RGB", loaded.request.image.size)
     assert stale_runner._record_outcome(loaded, [image], 0.1) is None
@@ -274,3 +278,121 @@ def test_out_of_memory_for_a_single_job_fails_it_clearly(engine, jobs, storage):
     finally:
         hook.remove()
     assert jobs.get(job.id).error.code == "out_of_memory"
+
+
+# -- pipelining: outputs on a thread pool, the next batch read ahead -------------------
+
+
+class CountingStorage(SlowStorage):
+    """Puts that take a while, counting how many run at once."""
+
+    def __init__(self, inner, seconds=0.2, fail_key=None):
+        self.running = self.most = 0
+        self._lock = threading.Lock()
+
+        def before_put(key):
+            with self._lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(seconds)
+            with self._lock:
+                self.running -= 1
+            if fail_key and fail_key(key):
+                raise StorageError(f"disk full at {key}")
+
+        super().__init__(inner, before_put)
+
+
+def test_outputs_of_every_job_are_made_and_stored_at_once(engine, jobs, storage):
+    submitted = [submit(jobs, storage, seed=i, num_outputs=3) for i in range(2)]
+    slow = CountingStorage(storage)
+    results = runner(engine, jobs, slow, max_batch=8, io_threads=6).handle(submitted[0].id)
+    assert results == {job.id: JobStatus.succeeded for job in submitted}
+    assert slow.most >= 3  # six puts of 0.2 s each, not one after the other
+    for job in submitted:
+        done = jobs.get(job.id)
+        assert len(done.output_keys) == 3
+        assert sorted(outputs_in(storage, job)) == sorted(done.output_keys)
+
+
+def test_an_output_that_cannot_be_stored_fails_only_its_job(engine, jobs, storage):
+    good, bad = (submit(jobs, storage, seed=i, num_outputs=2) for i in range(2))
+    slow = CountingStorage(storage, 0.05, fail_key=lambda key: key.startswith(f"edits/{bad.id}/"))
+    results = runner(engine, jobs, slow, max_batch=8).handle(good.id)
+    assert results == {good.id: JobStatus.succeeded, bad.id: JobStatus.failed}
+    failed = jobs.get(bad.id)
+    assert failed.error.code == "storage_error" and "disk full" in failed.error.message
+    assert outputs_in(storage, bad) == []  # whatever of it was stored is deleted
+    assert len(outputs_in(storage, good)) == 2
+
+
+class UNetCalls:
+    """Batch size (in samples) of every UNet call, and a hook at each call."""
+
+    def __init__(self, engine, during=None):
+        self.engine, self.during, self.sizes = engine, during, []
+
+    def __enter__(self):
+        def hook(module, args):
+            self.sizes.append(args[0].shape[0])
+            if self.during:
+                self.during(len(self.sizes))
+
+        self._hook = self.engine.pipe.unet.register_forward_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._hook.remove()
+
+
+def test_the_next_batch_is_read_ahead_unclaimed_and_run_in_the_same_task(engine, jobs, storage):
+    first = submit(jobs, storage, steps=4)
+    # Another batch key (other steps): not gathered with the first.
+    later = [submit(jobs, storage, steps=3, seed=i) for i in range(2)]
+    read = []
+    reading = SlowStorage(storage, lambda key: None)
+    reading.get = lambda key: read.append(key) or storage.get(key)
+    seen_at_last_step = {}
+
+    def during(call):
+        if call == 4:  # the first job's last step: past its halfway, so read ahead
+            deadline = time.monotonic() + 10
+            while not all(j.input_key in read for j in later) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen_at_last_step["read"] = [j.input_key in read for j in later]
+            seen_at_last_step["status"] = [jobs.get(j.id).status for j in later]
+
+    with UNetCalls(engine, during) as unet:
+        results = runner(engine, jobs, reading, max_batch=8, prefetch_batches=2).handle(first.id)
+    assert results == {job.id: JobStatus.succeeded for job in [first, *later]}
+    # Read while the first batch denoised, but claimed only once the GPU was free for them.
+    assert seen_at_last_step == {"read": [True, True], "status": [JobStatus.queued] * 2}
+    assert unet.sizes == [3] * 4 + [6] * 3  # one job (3 branches) x 4 steps, then two x 3
+    for job in later:
+        assert jobs.get(job.id).status == JobStatus.succeeded
+        # Their own queue messages come later and find nothing to do.
+        assert runner(engine, jobs, storage).handle(job.id) is None
+
+
+def test_a_job_canceled_after_it_was_read_ahead_does_not_run(engine, jobs, storage):
+    first = submit(jobs, storage, steps=4)
+    kept, canceled = (submit(jobs, storage, steps=3, seed=i) for i in range(2))
+
+    def during(call):
+        if call == 4:
+            time.sleep(0.3)  # read ahead by now
+            jobs.cancel(canceled.id)
+
+    with UNetCalls(engine, during) as unet:
+        results = runner(engine, jobs, storage, max_batch=8, prefetch_batches=2).handle(first.id)
+    assert results == {first.id: JobStatus.succeeded, kept.id: JobStatus.succeeded}
+    assert unet.sizes == [3] * 4 + [3] * 3
+    assert jobs.get(canceled.id).started_at is None
+
+
+def test_no_batch_is_read_ahead_without_time_left_in_the_task(engine, jobs, storage):
+    first = submit(jobs, storage, steps=2)
+    later = submit(jobs, storage, steps=3)
+    task = runner(engine, jobs, storage, max_batch=8, prefetch_batches=2, max_task_s=0.001)
+    assert task.handle(first.id) == {first.id: JobStatus.succeeded}
+    assert jobs.get(later.id).status == JobStatus.queued

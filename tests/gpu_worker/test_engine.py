@@ -161,20 +161,43 @@ def test_engine_options_are_the_settings_of_the_same_names():
     from services.common.settings import Settings
     from services.gpu_worker.engine import EngineOptions
 
-    assert set(EngineOptions.model_fields) <= set(Settings.model_fields)
+    # sync_debug is the GPU benchmark's switch, not a deployment's.
+    engine_only = {"sync_debug"}
+    assert set(EngineOptions.model_fields) - engine_only <= set(Settings.model_fields)
     settings = Settings(
         device="cpu",
         max_batch=3,
+        batch_buckets="1,3",
         compile_unet=True,
         compile_mode="max-autotune",
+        warmup_buckets="128x128",
+        attention="xformers",
         attention_slicing=True,
         vae_tiling=True,
         text_embedding_cache_size=7,
     )
     options = EngineOptions.from_settings(settings, device="cuda:1")
-    for name in EngineOptions.model_fields:
+    for name in set(EngineOptions.model_fields) - engine_only:
         expected = "cuda:1" if name == "device" else getattr(settings, name)
         assert getattr(options, name) == expected, name
+    assert options.batch_buckets == (1, 3)
+    assert options.sync_debug is False
+
+
+def test_batch_buckets_count_outputs_and_always_hold_one_job():
+    from services.gpu_worker.engine import EditEngine, EngineOptions
+
+    def buckets(**options):
+        return EditEngine("unused", EngineOptions(**options)).batch_buckets
+
+    assert buckets() == (1, 2, 4, 8)
+    assert buckets(max_batch=4) == (1, 2, 4)
+    assert buckets(max_batch=6) == (1, 2, 4, 6)
+    assert buckets(max_batch=16) == (1, 2, 4, 8, 16)
+    # A job may ask for 4 outputs: with max_batch 1 or 3 a batch still holds them.
+    assert buckets(max_batch=1) == (1, 2, 4)
+    assert buckets(max_batch=3, batch_buckets="1,3") == (1, 3, 4)
+    assert buckets(batch_buckets=(8, 2, 2)) == (2, 8)
 
 
 def _left_half_mask(size):

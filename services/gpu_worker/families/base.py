@@ -1,10 +1,11 @@
 """The seam between the batching engine and a model: what a model family must do.
 
 The engine (services/gpu_worker/engine.py) owns everything that does not depend on the
-model: gathering jobs into one UNet batch, each job's seed, scheduler and guidance scales,
-the three-branch InstructPix2Pix guidance, progress, cancel and out-of-memory handling. A
-family owns what does: encoding the prompt and the image, one UNet call with the
-conditioning its UNet takes, and decoding latents to pictures.
+model: gathering jobs into one UNet batch, each job's seed, noise and guidance scales,
+the shared scheduler, the three-branch InstructPix2Pix guidance, progress, cancel and
+out-of-memory handling. A family owns what does: encoding the prompt and a batch of
+images, the conditioning its UNet takes for a batch (built once per batch, not per step),
+one UNet call, and decoding a batch of latents to 8-bit pictures on the device.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 from services.common.buckets import FAMILY_RESOLUTIONS
-from services.common.diffusion import load_pipeline
+from services.common.diffusion import load_pipeline, pil_images, to_uint8
 from services.gpu_worker.families.hints import NO_MODEL_HINT
 
 
@@ -43,6 +44,10 @@ class TextConditioning:
             None if pooled[0] is None else torch.cat(pooled),
         )
 
+    @property
+    def batch_size(self) -> int:
+        return self.hidden_states.shape[0]
+
 
 class ModelFamily(ABC):
     """One kind of InstructPix2Pix model, wrapping its loaded diffusers pipeline."""
@@ -56,9 +61,6 @@ class ModelFamily(ABC):
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
-        # Set by the engine when the UNet is compiled: every UNet input gets a symbolic
-        # batch dimension, so new batch sizes do not recompile.
-        self.dynamic_batch = False
 
     @classmethod
     def load(cls, model: str, dtype: torch.dtype):
@@ -78,24 +80,41 @@ class ModelFamily(ABC):
         """(prompt, negative) conditioning with batch size 1; negative is None unguided."""
 
     @abstractmethod
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """The latents InstructPix2Pix conditions on, for RGB images of one size whose
+        sides are multiples of 8, in one VAE call; batch size len(images)."""
+
     def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """The latents InstructPix2Pix conditions on, for an RGB image whose sides are
-        multiples of 8; batch size 1."""
+        """`encode_images` of one image; batch size 1."""
+        return self.encode_images([image])
 
     @abstractmethod
+    def unet_conditioning(self, text: TextConditioning, size: tuple[int, int]) -> dict:
+        """The UNet's keyword arguments besides the sample and the timestep, for a batch
+        whose rows of conditioning are `text`, of images of `size` (w, h). Built once per
+        batch: the same tensors serve every step."""
+
     def predict_noise(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        text: TextConditioning,
-        size: tuple[int, int],
+        self, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict
     ) -> torch.Tensor:
         """One UNet call on `sample` (noisy latents and image latents, concatenated on the
-        channels), every sample with its row of `text`; `size` is the images' (w, h)."""
+        channels) with the batch's `unet_conditioning`; `timestep` is a tensor on the
+        device, so that a compiled UNet neither specialises on its value nor copies it."""
+        return self.unet(sample, timestep, **conditioning, return_dict=False)[0]
 
     @abstractmethod
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (N, 3, H, W) of denoised latents, in one VAE call (or two,
+        when an fp16 decode overflows: services/common/diffusion.py)."""
+
+    def decode_uint8(self, latents: torch.Tensor) -> torch.Tensor:
+        """8-bit pictures (N, H, W, 3) of denoised latents, still on the device: what the
+        stock pipeline's postprocessing makes of them, to the bit."""
+        return to_uint8(self.decode_pixels(latents), self.pipe.image_processor)
+
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Pictures of denoised latents."""
+        return pil_images(self.decode_uint8(latents))
 
     def denoised_latents(self, image_latents: torch.Tensor) -> torch.Tensor:
         """The image's conditioning latents (`encode_image`) as the latents the denoising
@@ -126,9 +145,3 @@ class ModelFamily(ABC):
     @property
     def device(self) -> torch.device:
         return self.pipe.device
-
-    def _mark_dynamic(self, *tensors: torch.Tensor | None) -> None:
-        if self.dynamic_batch:
-            for tensor in tensors:
-                if tensor is not None:
-                    torch._dynamo.maybe_mark_dynamic(tensor, 0)

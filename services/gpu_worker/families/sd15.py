@@ -53,24 +53,14 @@ class StableDiffusionInstructPix2Pix(ModelFamily):
         )
         return TextConditioning(text), TextConditioning(negative) if guided else None
 
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
-        pixels = self.pipe.image_processor.preprocess(image)
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        pixels = self.pipe.image_processor.preprocess(images)
         pixels = pixels.to(device=self.device, dtype=self.unet.dtype)
         # InstructPix2Pix conditions on the unscaled mode of the image's latent distribution.
         return self.vae.encode(pixels).latent_dist.mode()
 
-    def predict_noise(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        text: TextConditioning,
-        size: tuple[int, int],
-    ) -> torch.Tensor:
-        self._mark_dynamic(sample, text.hidden_states)
-        return self.unet(
-            sample, timestep, encoder_hidden_states=text.hidden_states, return_dict=False
-        )[0]
+    def unet_conditioning(self, text: TextConditioning, size: tuple[int, int]) -> dict:
+        return {"encoder_hidden_states": text.hidden_states}
 
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        pixels = decode_latents(self.vae, latents / self.vae.config.scaling_factor)
-        return self.pipe.image_processor.postprocess(pixels, output_type="pil")
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode_latents(self.vae, latents / self.vae.config.scaling_factor)

@@ -33,7 +33,7 @@ class StableDiffusionXLInstructPix2Pix(ModelFamily):
 
     def __init__(self, pipe) -> None:
         super().__init__(pipe)
-        # Per image size: built once on the device, not copied from the host every step.
+        # Per image size: built once on the device, not copied from the host every batch.
         self._time_ids: dict[tuple[int, int], torch.Tensor] = {}
 
     def check(self) -> None:
@@ -65,9 +65,10 @@ class StableDiffusionXLInstructPix2Pix(ModelFamily):
             return TextConditioning(text, pooled), None
         return TextConditioning(text, pooled), TextConditioning(negative, negative_pooled)
 
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         pipe, vae = self.pipe, self.vae
-        pixels = pipe.image_processor.preprocess(image, height=image.height, width=image.width)
+        width, height = images[0].size
+        pixels = pipe.image_processor.preprocess(images, height=height, width=width)
         pixels = pixels.to(device=self.device, dtype=self.unet.dtype)
         if self._upcast_vae():
             with vae_in_float32(vae):
@@ -80,22 +81,12 @@ class StableDiffusionXLInstructPix2Pix(ModelFamily):
             latents = latents * vae.config.scaling_factor
         return latents
 
-    def predict_noise(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        text: TextConditioning,
-        size: tuple[int, int],
-    ) -> torch.Tensor:
-        time_ids = self._time_ids_for(size, text.hidden_states.dtype).repeat(sample.shape[0], 1)
-        self._mark_dynamic(sample, text.hidden_states, text.pooled, time_ids)
-        return self.unet(
-            sample,
-            timestep,
-            encoder_hidden_states=text.hidden_states,
-            added_cond_kwargs={"text_embeds": text.pooled, "time_ids": time_ids},
-            return_dict=False,
-        )[0]
+    def unet_conditioning(self, text: TextConditioning, size: tuple[int, int]) -> dict:
+        time_ids = self._time_ids_for(size, text.hidden_states.dtype).repeat(text.batch_size, 1)
+        return {
+            "encoder_hidden_states": text.hidden_states,
+            "added_cond_kwargs": {"text_embeds": text.pooled, "time_ids": time_ids},
+        }
 
     def _time_ids_for(self, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         ids = self._time_ids.get(size)
@@ -107,7 +98,7 @@ class StableDiffusionXLInstructPix2Pix(ModelFamily):
             ids = self._time_ids[size] = ids.to(self.device)
         return ids
 
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.vae.config
         upcast = self._upcast_vae()
         if upcast:
@@ -121,8 +112,7 @@ class StableDiffusionXLInstructPix2Pix(ModelFamily):
             latents = latents * std / config.scaling_factor + mean
         else:
             latents = latents / config.scaling_factor
-        pixels = decode_latents(self.vae, latents, upcast=upcast)
-        return self.pipe.image_processor.postprocess(pixels, output_type="pil")
+        return decode_latents(self.vae, latents, upcast=upcast)
 
     def denoised_latents(self, image_latents: torch.Tensor) -> torch.Tensor:
         if getattr(self.pipe, "is_cosxl_edit", False):
