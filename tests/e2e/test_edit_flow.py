@@ -87,6 +87,8 @@ def test_readiness_sees_the_worker(stack):
     assert engine["family"] == "sd15"
     assert (engine["device"], engine["dtype"], engine["attention"]) == ("cpu", "float32", "sdpa")
     assert engine["compiled"] is False and engine["max_batch"] == 8
+    # Its warm-up, timed, and the buckets it runs at.
+    assert engine["warmup_s"] > 0 and engine["resolution"] == 128
 
 
 LONG = {"num_inference_steps": 100}
