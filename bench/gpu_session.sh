@@ -49,6 +49,8 @@ ENGINE_JSONL="$OUT/engine.jsonl"
 # and building the full-size model from its configs ~5-10 s are in every part but the
 # pre-flight). Parts: 490 in all; with setup, at most 550.
 KIT_BUDGET_S=${KIT_BUDGET_S:-575}                   # deadline for the whole script
+# The carried wheels (`make gpu-wheels`); the tests point it at an empty directory.
+WHEELS=${WHEELS:-.whl}
 SETUP_TIMEOUT_S=${SETUP_TIMEOUT_S:-60}              # pip install of .whl (~10-20)
 PREFLIGHT_TIMEOUT_S=${PREFLIGHT_TIMEOUT_S:-30}      # imports, CUDA, a matmul (~10)
 STOCK_EAGER_TIMEOUT_S=${STOCK_EAGER_TIMEOUT_S:-80}  # stock x5, ours 1/4/8 x6 (~40)
@@ -113,10 +115,10 @@ run_part() {
 }
 
 # -- 1. setup ------------------------------------------------------------------------------
-if compgen -G ".whl/*.whl" >/dev/null; then
-    echo "== setup: installing $(ls .whl/*.whl | wc -l) carried wheels" | tee -a "$LOG"
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    echo "== setup: installing $(ls "$WHEELS"/*.whl | wc -l) carried wheels" | tee -a "$LOG"
     timeout "$SETUP_TIMEOUT_S" "$PYTHON" -m pip install -q --no-index --no-deps --no-compile \
-        --no-cache-dir --upgrade --target /tmp/instructedit-site .whl/*.whl 2>&1 | tee -a "$LOG"
+        --no-cache-dir --upgrade --target /tmp/instructedit-site "$WHEELS"/*.whl 2>&1 | tee -a "$LOG"
     rc=$?
     printf '{"part": "setup", "status": "%s", "rc": %d, "seconds": %d}\n' \
         "$([[ $rc == 0 ]] && echo ok || echo failed)" "$rc" "$((SECONDS - KIT_START))" >>"$KIT_JSONL"

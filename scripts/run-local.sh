@@ -69,6 +69,8 @@ pids+=($!)
 "$BIN/celery" --app services.datagen.celery_worker worker --queues datagen \
   --pool prefork --concurrency 1 --loglevel INFO --hostname "datagen@%h" &
 pids+=($!)
+# Output URLs are built from this, never from a request's Host header.
+export INSTRUCTEDIT_PUBLIC_BASE_URL=${INSTRUCTEDIT_PUBLIC_BASE_URL:-http://$HOST:$PORT}
 "$BIN/uvicorn" services.api.main:app --host "$HOST" --port "$PORT" &
 pids+=($!)
 echo "API on http://$HOST:$PORT (docs at /docs); Ctrl-C stops everything."

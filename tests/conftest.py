@@ -97,3 +97,19 @@ def image_bytes(size=(64, 48), mode="RGB", fmt="PNG", color=(200, 30, 30), **sav
             image.putpixel((x, 0), (x * 4 % 256, 0, 0))
     image.save(buf, format=fmt, **save)
     return buf.getvalue()
+
+
+@pytest.fixture
+def decoded_sizes(monkeypatch) -> list[tuple[int, int]]:
+    """The size of every image Pillow decodes during the test, in order."""
+    from PIL import ImageFile
+
+    sizes: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def spy(self):
+        sizes.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    return sizes

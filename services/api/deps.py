@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import redis
+import redis.asyncio
 from celery import Celery
 from fastapi import Depends, Request
 
@@ -20,6 +21,11 @@ def get_settings(request: Request) -> Settings:
 
 def get_redis(request: Request) -> redis.Redis:
     return request.app.state.redis
+
+
+def get_async_redis(request: Request) -> redis.asyncio.Redis:
+    """For what waits on Redis without holding a thread: job event streams."""
+    return request.app.state.async_redis
 
 
 def get_job_store(request: Request) -> JobStore:
@@ -40,6 +46,7 @@ def get_celery(request: Request) -> Celery:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
+AsyncRedisDep = Annotated[redis.asyncio.Redis, Depends(get_async_redis)]
 JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 RunStoreDep = Annotated[RunStore, Depends(get_run_store)]

@@ -51,7 +51,17 @@ def queue_unavailable() -> APIError:
     return APIError(503, "queue_unavailable", "the job could not be queued; retry later")
 
 
+def _invalid_json(exc: RequestValidationError) -> dict | None:
+    """The error of a body that is not JSON at all, if that is what failed."""
+    return next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
+
+
 def _describe_validation(exc: RequestValidationError) -> str:
+    if (error := _invalid_json(exc)) is not None:
+        # loc is ("body", <character offset>), ctx the decoder's complaint.
+        position = error.get("loc", ("body", "?"))[-1]
+        reason = (error.get("ctx") or {}).get("error", "JSON decode error")
+        return f"the request body is not valid JSON: {reason} at character {position}"
     parts = []
     for err in exc.errors():
         # loc is like ("body", "num_inference_steps"); the field name is what a client needs.
@@ -61,6 +71,8 @@ def _describe_validation(exc: RequestValidationError) -> str:
 
 
 def _validation_code(exc: RequestValidationError) -> str:
+    if _invalid_json(exc) is not None:
+        return "invalid_json"
     errors = exc.errors()
     fields = [str(e.get("loc", ("",))[-1]) for e in errors]
     if len(set(fields)) != 1:
@@ -81,7 +93,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        # Starlette's headers carry what the status needs, such as a 405's Allow.
+        return error_response(exc.status_code, code, str(exc.detail), **(exc.headers or {}))
 
     # A dependency that is down is the client's cue to retry, not a bug: 503, and the
     # cause in our log rather than in the response.

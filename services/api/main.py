@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
+import redis.asyncio
 from celery import Celery
 from fastapi import FastAPI
 
@@ -59,7 +60,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             name="warm-broker",
             daemon=True,
         ).start()
-    yield
+    try:
+        yield
+    finally:
+        await app.state.async_redis.aclose()
 
 
 def create_app(settings: Settings | None = None, *, warm_broker: bool = False) -> FastAPI:
@@ -73,6 +77,8 @@ def create_app(settings: Settings | None = None, *, warm_broker: bool = False) -
     app.state.settings = settings
     app.state.warm_broker = warm_broker
     app.state.redis = redis.Redis.from_url(settings.redis_url)
+    # Job event streams and `?wait=` block on Redis without holding a thread.
+    app.state.async_redis = redis.asyncio.Redis.from_url(settings.redis_url)
     app.state.jobs = JobStore(
         app.state.redis, settings.job_ttl_s, redeliver_after_s=settings.job_redeliver_after_s
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from services.common.edit_params import EditParams
 from services.common.jobs import EditJob, JobError, JobStatus, Progress
@@ -28,9 +28,27 @@ class EditJobResponse(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    queue_position: int | None = Field(
+        None,
+        description="While the job is queued: its place among the queued jobs, by the time "
+        "they were submitted (1: the next to start). Null once it runs or ended.",
+    )
+    estimated_wait_s: float | None = Field(
+        None,
+        description="While the job is queued: roughly how many seconds until it starts, "
+        "from its queue position and how often recent jobs finished (several workers and "
+        "batched jobs make that more often than one job takes). Null once it runs or "
+        "ended, and while no job finished recently.",
+    )
 
     @classmethod
-    def from_job(cls, job: EditJob, output_urls: list[str]) -> EditJobResponse:
+    def from_job(
+        cls,
+        job: EditJob,
+        output_urls: list[str],
+        queue_position: int | None = None,
+        estimated_wait_s: float | None = None,
+    ) -> EditJobResponse:
         return cls(
             id=job.id,
             status=job.status,
@@ -42,6 +60,8 @@ class EditJobResponse(BaseModel):
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
+            queue_position=queue_position,
+            estimated_wait_s=estimated_wait_s,
         )
 
 

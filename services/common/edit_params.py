@@ -13,6 +13,7 @@ equal, its name in BATCH_FIELDS), what the engine does with it, and its README r
 
 from __future__ import annotations
 
+import re
 import secrets
 from enum import StrEnum
 
@@ -75,6 +76,17 @@ class EditParams(BaseModel):
         "kept pixels are exactly the input's",
     )
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_numbers(cls, value: object, info: ValidationInfo) -> object:
+        # Form fields arrive as text, and pydantic's lax parsing would read "2_0" as 20
+        # and " 20 " as 20: a number field takes plain decimal text only.
+        if isinstance(value, str) and info.field_name in _NUMBER_FIELDS:
+            pattern = _PLAIN_INT if _NUMBER_FIELDS[info.field_name] is int else _PLAIN_FLOAT
+            if not pattern.fullmatch(value):
+                raise ValueError(f"{value!r} is not a plain decimal number")
+        return value
+
     @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod
     def _strip(cls, value: object) -> object:
@@ -98,6 +110,15 @@ class EditParams(BaseModel):
             raise ValueError(f"{scheduler} takes at most {limit} steps, not {steps}")
         return scheduler
 
+
+_PLAIN_INT = re.compile(r"[+-]?[0-9]+")
+_PLAIN_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# The number fields and their types (for the strict parsing of form text above).
+_NUMBER_FIELDS = {
+    name: field.annotation
+    for name, field in EditParams.model_fields.items()
+    if field.annotation in (int, float)
+}
 
 # Parameters that shape the shared denoising loop: jobs may run in one UNet batch only when
 # these are equal (and their model input size and guidance mode, see batch_key).

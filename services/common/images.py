@@ -1,7 +1,9 @@
 """Decoding uploaded images, colour-managing them for the model, and encoding results.
 
-The API decodes every upload fully before accepting it, and the worker decodes the stored
-copy again with the same function, so "accepted" and "processable" mean the same thing.
+The API checks every upload before accepting it (`check_image_upload`: header checks and,
+for JPEG, a decode at 1/8 scale, so that it never holds a full-size picture), and the worker
+decodes the stored copy in full (`decode_image`); both reject the same files, so "accepted"
+and "processable" mean the same thing.
 
 Everything the model sees and everything we send back is 8-bit sRGB: phones shoot Display
 P3, cameras Adobe RGB, print workflows CMYK, and PNG exports may be 16-bit. Reading those
@@ -12,12 +14,15 @@ sRGB so that browsers and catalog tools show the colours we computed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
 import logging
+import re
 import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,23 +74,59 @@ class DecodedImage:
 
 def decode_image(data: bytes) -> DecodedImage:
     """Fully decode `data`, or raise ImageRejected naming what is wrong with it."""
+    with _rejections(data):
+        image, fmt = _open_checked(data)
+        # load() decodes every pixel: a cut-off file fails here, not inside the worker.
+        image.load()
+    return DecodedImage(image=image, format=fmt)
+
+
+def check_image_upload(data: bytes) -> DecodedImage:
+    """Raise ImageRejected for what decode_image would reject, without holding full-size
+    pixels: the API's check before it accepts an upload.
+
+    Format, size and pixel limit come from the header. A JPEG is then decoded at 1/8 scale
+    (libjpeg still reads all of its data, so a cut-off file fails as it would in full);
+    other formats have no reduced decode and are decoded in full and dropped at once.
+    The image returned is opened but not loaded: its size, format and EXIF are there, its
+    pixels are not.
+    """
+    with _rejections(data):
+        image, fmt = _open_checked(data)
+        if fmt == "JPEG":
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+        image.load()
+        image.close()
+        header, _ = _open_checked(data)
+    return DecodedImage(image=header, format=fmt)
+
+
+def _open_checked(data: bytes) -> tuple[Image.Image, str]:
+    """`data` opened (header only), with its format and size checked, and its format name."""
     if not data:
         raise ImageRejected("empty_image", "the image file is empty")
+    image = Image.open(io.BytesIO(data))
+    fmt = _FORMAT_ALIASES.get(image.format, image.format)
+    if fmt not in ACCEPTED_FORMATS:
+        raise ImageRejected(
+            "unsupported_image_format",
+            f"image format {fmt} is not supported; send {_accepted_formats_text()}",
+        )
+    if image.width * image.height > MAX_PIXELS:
+        raise _too_large(f"{image.width}x{image.height}")
+    if fmt == "JPEG" and (reason := jpeg_incomplete_reason(data)) is not None:
+        raise _corrupt(reason)
+    return image, fmt
+
+
+@contextlib.contextmanager
+def _rejections(data: bytes) -> Iterator[None]:
+    """Pillow's errors while opening or decoding `data` as the ImageRejected they mean."""
     try:
         with warnings.catch_warnings():
-            # Pillow warns from ~89 MP on; the check below is stricter and names the size.
+            # Pillow warns from ~89 MP on; the pixel limit is stricter and names the size.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            fmt = _FORMAT_ALIASES.get(image.format, image.format)
-            if fmt not in ACCEPTED_FORMATS:
-                raise ImageRejected(
-                    "unsupported_image_format",
-                    f"image format {fmt} is not supported; send {_accepted_formats_text()}",
-                )
-            if image.width * image.height > MAX_PIXELS:
-                raise _too_large(f"{image.width}x{image.height}")
-            # load() decodes every pixel: a cut-off file fails here, not inside the worker.
-            image.load()
+            yield
     except ImageRejected:
         raise
     except Image.DecompressionBombError:
@@ -97,7 +138,6 @@ def decode_image(data: bytes) -> DecodedImage:
         raise ImageRejected("not_an_image", "the uploaded file is not an image") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise _corrupt(str(exc)) from None
-    return DecodedImage(image=image, format=fmt)
 
 
 def _accepted_formats_text() -> str:
@@ -125,6 +165,87 @@ def _is_heif_or_avif(data: bytes) -> bool:
     # The major brand, then (after a 4-byte minor version) the compatible brands.
     brands = [data[8:12]] + [data[i : i + 4] for i in range(16, box_end - 3, 4)]
     return any(brand in _HEIF_AVIF_BRANDS for brand in brands)
+
+
+# --- JPEG completeness ------------------------------------------------------------------
+# libjpeg treats the end of the data, or a marker, where the image data should go on as a
+# recoverable "premature end": it fills the rest of the picture with flat grey and only
+# warns, and Pillow passes that over. So JPEG structure is checked here: the first
+# picture's markers are walked to its EOI (what follows, an MPO's further pictures or
+# trailing bytes, is not looked at), and its scans must carry at least one bit per 8x8
+# block, the least any Huffman-coded picture needs (a DC code per block).
+
+# A marker in entropy-coded data: 0xFF followed by neither a stuffed 0x00, a restart
+# marker (RST0-7), nor another fill byte.
+_SCAN_MARKER = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
+# Markers without a length: TEM, RST0-7, SOI (EOI ends the walk).
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8), 0xD8})
+# Baseline, extended and progressive Huffman-coded frames: the one-bit-per-block bound
+# holds for them. (Arithmetic coding can squeeze a flat picture below it; lossless has
+# no blocks.)
+_HUFFMAN_DCT_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+
+
+def jpeg_incomplete_reason(data: bytes) -> str | None:
+    """Why the first picture of the JPEG `data` lacks image data, or None if it is whole."""
+    pos, end = 2, len(data)
+    blocks: int | None = None
+    scan_bytes = 0
+    while True:
+        pos = data.find(b"\xff", pos)
+        while 0 <= pos < end - 1 and data[pos + 1] == 0xFF:
+            pos += 1  # fill bytes before a marker
+        if pos < 0 or pos >= end - 1:
+            return "the image data ends before its end marker"
+        marker = data[pos + 1]
+        if marker == 0xD9:  # EOI
+            break
+        if marker in _STANDALONE_MARKERS or marker == 0x00:
+            pos += 2
+            continue
+        if pos + 4 > end:
+            return "the image data ends inside a marker segment"
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        segment_end = pos + 2 + length
+        if length < 2 or segment_end > end:
+            return "the image data ends inside a marker segment"
+        if marker in _HUFFMAN_DCT_FRAMES and blocks is None:
+            blocks = _frame_blocks(data[pos + 4 : segment_end])
+        if marker == 0xDA:  # SOS: the entropy-coded data follows, up to the next marker
+            found = _SCAN_MARKER.search(data, segment_end)
+            if found is None:
+                return "the image data ends inside a scan"
+            scan_bytes += found.start() - segment_end
+            pos = found.start()
+        else:
+            pos = segment_end
+    if blocks and scan_bytes * 8 < blocks:
+        return f"{scan_bytes} bytes of image data cannot hold {blocks} blocks"
+    return None
+
+
+def _frame_blocks(frame: bytes) -> int | None:
+    """The number of 8x8 blocks of all components of a SOF segment's frame."""
+    if len(frame) < 6:
+        return None
+    height = int.from_bytes(frame[1:3], "big")
+    width = int.from_bytes(frame[3:5], "big")
+    count = frame[5]
+    factors = [
+        (frame[i + 1] >> 4, frame[i + 1] & 0x0F)
+        for i in range(6, 6 + 3 * count, 3)
+        if i + 2 < len(frame)
+    ]
+    if not factors or not height:  # height 0: defined later by a DNL marker
+        return None
+    h_max = max(h for h, _ in factors) or 1
+    v_max = max(v for _, v in factors) or 1
+    total = 0
+    for h, v in factors:
+        cols = -(-width * h // h_max)
+        rows = -(-height * v // v_max)
+        total += -(-cols // 8) * -(-rows // 8)
+    return total
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:

@@ -21,6 +21,17 @@ from pydantic import BaseModel
 
 # JobStatus and FINISHED belong to the lifecycle; most code imports them from here.
 from services.common.edit_params import EditParams, batch_key
+from services.common.job_events import (
+    JOB_EVENTS_MAXLEN,
+    QUEUE_EVENTS_MAXLEN,
+    RECENT_FINISHES,
+    estimated_wait_s,
+    event_fields,
+    finish_entry,
+    job_events_key,
+    queue_events_key,
+    recent_finishes_key,
+)
 from services.common.job_lifecycle import FINISHED, LIFECYCLE, JobOperation, JobStatus
 
 
@@ -167,20 +178,24 @@ class ProgressReport(NamedTuple):
 
 
 # Compare-and-set of several records in one round trip (and as few commands as can be: one
-# per job). Per job: if its record is still byte for byte what the worker last wrote (so
-# the lifecycle allowed that worker's operations on it then, and nobody changed it since),
-# the new record replaces it and, when the lease was renewed, the index of unfinished jobs
-# gets its new deadline. The write reads the old record in the same command (SET ... GET);
-# if that was not the expected one, it is put back at once, and returned for the caller
-# to judge against the lifecycle. Atomic: nobody ever sees the record in between.
-#   KEYS[1]: the index of unfinished jobs; KEYS[i + 1]: job i's record
-#   ARGV, per job: its id, the record as last written, the new record ('' to only look)
-#   and the lease's new deadline ('' when not renewed)
+# per job, and one more where its progress moved). Per job: if its record is still byte for
+# byte what the worker last wrote (so the lifecycle allowed that worker's operations on it
+# then, and nobody changed it since), the new record replaces it, when the lease was renewed
+# the index of unfinished jobs gets its new deadline, and when the progress moved the job's
+# event stream gets the new step (job_events.py). The write reads the old record in the same
+# command (SET ... GET); if that was not the expected one, it is put back at once, and
+# returned for the caller to judge against the lifecycle. Atomic: nobody ever sees the
+# record in between.
+#   KEYS[1]: the index of unfinished jobs; KEYS[2i], KEYS[2i + 1]: job i's record and
+#   event stream
+#   ARGV[1]: the event streams' length; per job: its id, the record as last written, the
+#   new record ('' to only look), the lease's new deadline ('' when not renewed), and the
+#   new step and total ('' when the progress did not move)
 # Returns per job: 1 (as expected: written if asked), its current record, or 0 (none).
 _PROGRESS_SCRIPT = """
 local out = {}
-for i = 2, #KEYS do
-  local a = (i - 2) * 4 + 1
+for i = 2, #KEYS, 2 do
+  local a = (i - 2) / 2 * 6 + 2
   local new = ARGV[a + 2]
   local raw
   if new ~= '' then
@@ -191,6 +206,10 @@ for i = 2, #KEYS do
   if raw == ARGV[a + 1] then
     if ARGV[a + 3] ~= '' then
       redis.call('ZADD', KEYS[1], ARGV[a + 3], ARGV[a])
+    end
+    if new ~= '' and ARGV[a + 4] ~= '' then
+      redis.call('XADD', KEYS[i + 1], 'MAXLEN', '~', ARGV[1], '*',
+                 's', 'running', 'p', ARGV[a + 4], 't', ARGV[a + 5])
     end
     out[#out + 1] = 1
   else
@@ -215,7 +234,8 @@ def _report_operation(report: ProgressReport) -> JobOperation:
 
 
 # `create` without reading first: the record is written only where there is none (SET NX,
-# which also returns the record that stands in the way), and indexed only then.
+# which also returns the record that stands in the way), and indexed only then. (Its event
+# stream starts with the job's first change: until then the record is the whole story.)
 #   KEYS: the record, the index of unfinished jobs; ARGV: the record, its TTL, its
 #   deadline in the index, the job's id
 # Returns 1 (created) or the record that was there.
@@ -263,9 +283,20 @@ class JobStore:
         # batch. A key may stay listed a while after its last job left.
         self._pending_keys = f"{namespace}:pending-keys"
         self._shas: dict[str, str] = {}  # Lua scripts' SHA1s, once loaded
+        # What watchers follow (job_events.py): jobs leaving the queue, recent successes.
+        self._queue_events = queue_events_key(namespace)
+        self._recent_finishes = recent_finishes_key(namespace)
 
     def _key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
+
+    def events_key(self, job_id: str) -> str:
+        """The job's event stream (job_events.py)."""
+        return job_events_key(self.namespace, job_id)
+
+    @property
+    def queue_events_key(self) -> str:
+        return self._queue_events
 
     def get(self, job_id: str) -> EditJob:
         raw = self.redis.get(self._key(job_id))
@@ -351,7 +382,7 @@ class JobStore:
             return []
         now = utcnow()
         keys: list[str] = [self._active]
-        args: list[str] = []
+        args: list[Any] = [JOB_EVENTS_MAXLEN]
         updated: list[EditJob | None] = []
         for report in reports:
             changes: dict[str, Any] = {}
@@ -367,12 +398,16 @@ class JobStore:
             )
             new = report.job.model_copy(update=changes) if allowed else None
             updated.append(new)
-            keys.append(self._key(report.job.id))
+            keys += [self._key(report.job.id), self.events_key(report.job.id)]
+            moved = new is not None and report.progress is not None
+            moved = moved and report.progress != report.job.progress
             args += [
                 report.job.id,
                 report.job.model_dump_json(),
                 new.model_dump_json() if new is not None and changes else "",
                 repr(new.lease_expires_at.timestamp()) if new is not None and report.renew else "",
+                report.progress.step if moved else "",
+                report.progress.total if moved else "",
             ]
         replies = self._script(_PROGRESS_SCRIPT, keys, args)
         results: list[EditJob | TransitionRefused | JobNotFound] = []
@@ -479,9 +514,28 @@ class JobStore:
             if job.status == JobStatus.queued:
                 # Taken or ended: no worker gathering a batch may pick it up any more.
                 pipe.zrem(self._pending_key(job.batch_key), job_id)
+            self._announce(pipe, job, updated)
             return updated
 
         return self._apply(operation, job_id, write, owner=owner)
+
+    def _announce(self, pipe: redis.client.Pipeline, before: EditJob, after: EditJob) -> None:
+        """Tell watchers (job_events.py) what changed, in the same MULTI: a new status or
+        step goes to the job's event stream (a mere lease renewal goes nowhere), a job
+        leaving the queue to the queue's stream, a success to the recent successes."""
+        events = self.events_key(after.id)
+        if (before.status, before.progress) != (after.status, after.progress):
+            fields = event_fields(after.status, after.progress.step, after.progress.total)
+            pipe.xadd(events, fields, maxlen=JOB_EVENTS_MAXLEN, approximate=True)
+        if before.status == JobStatus.queued and after.status != JobStatus.queued:
+            # The job's first change starts its event stream: it expires with the record.
+            pipe.expire(events, self.ttl_s)
+            created = {"c": repr(after.created_at.timestamp())}
+            pipe.xadd(self._queue_events, created, maxlen=QUEUE_EVENTS_MAXLEN, approximate=True)
+        if after.status == JobStatus.succeeded and after.started_at and after.finished_at:
+            duration = (after.finished_at - after.started_at).total_seconds()
+            pipe.lpush(self._recent_finishes, finish_entry(after.finished_at.timestamp(), duration))
+            pipe.ltrim(self._recent_finishes, 0, RECENT_FINISHES - 1)
 
     def _apply(
         self,
@@ -521,7 +575,7 @@ class JobStore:
     def delete(self, job_id: str) -> None:
         """Undo `create` (the submission failed): record and index entry."""
         with self.redis.pipeline() as pipe:
-            pipe.delete(self._key(job_id))
+            pipe.delete(self._key(job_id), self.events_key(job_id))
             pipe.zrem(self._active, job_id)
             pipe.execute()
 
@@ -541,6 +595,30 @@ class JobStore:
             pipe.sadd(self._pending_keys, job.batch_key)
             pipe.zadd(self._pending_key(job.batch_key), {job.id: job.created_at.timestamp()})
             pipe.execute()
+
+    def queue_position(self, job: EditJob) -> tuple[int | None, float | None]:
+        """Where a queued job stands: its rank among the queued jobs by creation time (1:
+        next), and the estimated seconds until it starts (job_events.estimated_wait_s;
+        None when unknown). (None, None) for a job that is not queued.
+
+        Counted in the pending indexes, which are scored by creation time: one count per
+        batch key, O(log n) each, and no command naming the job.
+        """
+        if job.status != JobStatus.queued:
+            return None, None
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smembers(self._pending_keys)
+            pipe.lrange(self._recent_finishes, 0, -1)
+            batch_keys, finishes = pipe.execute()
+        ahead = 0
+        if batch_keys:
+            created = f"({job.created_at.timestamp()!r}"
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key in batch_keys:
+                    pipe.zcount(self._pending_key(key.decode()), "-inf", created)
+                ahead = sum(pipe.execute())
+        position = ahead + 1
+        return position, estimated_wait_s(position, finishes)
 
     def oldest_pending(self, limit: int) -> tuple[str, list[str]] | None:
         """The batch key whose oldest pending job waits longest, and up to `limit` of its

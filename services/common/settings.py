@@ -130,9 +130,10 @@ class Settings(BaseSettings):
     # 4 s for a new child to report alive would kill it mid-load.
     worker_proc_alive_timeout_s: float = Field(600.0, ge=4)
 
-    # Absolute base for output URLs of file storage (e.g. behind a proxy); by default the
-    # API answers with URLs built from the incoming request.
-    public_base_url: str | None = None
+    # Absolute base for output URLs of file storage: where clients reach the API (behind a
+    # proxy, its public address). Never taken from a request's Host header, which the
+    # client controls. The default is where `make run` serves.
+    public_base_url: str = "http://127.0.0.1:8000"
 
     # Observability. Logs are one JSON object per line on stderr unless log_json is false.
     log_level: str = "INFO"
@@ -147,6 +148,14 @@ class Settings(BaseSettings):
     # Batches a worker task runs after its own, from the oldest pending jobs, whose inputs
     # it read while the batch before denoised (0: one batch a task).
     prefetch_batches: int = Field(4, ge=0, le=64)
+
+    # --- Input handling of the API -------------------------------------------------------
+    # Uploads the API checks at once (each may decode a picture of up to MAX_PIXELS);
+    # more wait for a slot. Unset: twice the CPUs.
+    max_concurrent_decodes: int | None = Field(None, ge=1, le=1024)
+    # How long the API waits for the next part of a request body before it answers 408
+    # and closes the connection (a client that declares more than it sends).
+    body_read_timeout_s: float = Field(30.0, gt=0)
 
 
 @lru_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -220,6 +221,22 @@ class S3Storage:
             return fn(**kwargs)
         except (ClientError, BotoCoreError) as exc:
             raise StorageError(str(exc)) from exc
+
+
+# Keys under this prefix are the readiness probe's own; no job or run writes there.
+PROBE_PREFIX = "_probe/"
+
+
+def check_writable(storage: Storage) -> None:
+    """Raise StorageError unless `storage` takes a write: a small probe object is put and
+    deleted again (a store can answer reads, ping included, and still refuse writes: a
+    read-only mount, a full disk, a bucket policy or credentials that only read)."""
+    key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    try:
+        storage.put(key, b"probe", "text/plain")
+    finally:
+        with contextlib.suppress(StorageError):
+            storage.delete(key)
 
 
 def open_storage(settings: Settings) -> Storage:

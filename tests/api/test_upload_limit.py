@@ -1,8 +1,11 @@
-"""An oversized submission is refused before the API takes in its body: over real HTTP
-(uvicorn), with a declared Content-Length and with a chunked body that never declares one."""
+"""Request bodies over real HTTP (uvicorn): an oversized submission is refused before the
+API takes in its body, with a declared Content-Length and with a chunked body that never
+declares one; a body that stops coming is answered 408 and its connection closed; a
+multipart body cut off before its closing boundary is refused."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -24,6 +27,12 @@ BOUNDARY = "instructedit-test-boundary"
 @pytest.fixture
 def server(settings):
     """The app served by uvicorn in a thread; yields its port."""
+    with serve(settings) as port:
+        yield port
+
+
+@contextlib.contextmanager
+def serve(settings):
     port = free_port()
     # log_config=None: uvicorn would otherwise reconfigure this test process's loggers.
     config = uvicorn.Config(
@@ -145,3 +154,86 @@ def test_limit_applies_only_to_submissions(server):
         headers={"content-type": "application/json"},
     )
     assert response.status_code == 422
+
+
+@pytest.fixture
+def impatient_server(settings):
+    """The app with a 1 s body read timeout."""
+    with serve(settings.model_copy(update={"body_read_timeout_s": 1.0})) as port:
+        yield port
+
+
+@pytest.mark.parametrize(
+    "head,sent",
+    [
+        (request_head, multipart_head()),
+        (
+            lambda **h: (
+                "POST /v1/datasets HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/json\r\n"
+                + "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in h.items())
+                + "\r\n"
+            ).encode(),
+            b'{"rows": [',
+        ),
+    ],
+    ids=["submission", "json"],
+)
+def test_body_that_stops_coming_is_408_and_the_connection_closed(impatient_server, head, sent):
+    with socket.create_connection(("127.0.0.1", impatient_server), timeout=10) as sock:
+        # Declares 10 kB, sends the first few bytes, then nothing more.
+        sock.sendall(head(Content_Length="10000") + sent)
+        started = time.monotonic()
+        status, headers, body = read_response(sock)
+        waited = time.monotonic() - started
+        assert status == 408
+        assert body["error"]["code"] == "request_timeout"
+        assert headers["connection"] == "close"
+        assert 0.8 < waited < 5
+        assert sock.recv(1) == b""  # closed: the descriptor is not held
+
+
+def cut_submission(closed: bool) -> bytes:
+    """A submission whose last field is num_inference_steps=5, with or without the closing
+    boundary after it."""
+    body = (
+        multipart_head()
+        + image_bytes()
+        + (
+            f"\r\n--{BOUNDARY}\r\n"
+            'Content-Disposition: form-data; name="num_inference_steps"\r\n\r\n'
+            "5"
+        ).encode()
+    )
+    return body + multipart_tail() if closed else body
+
+
+@pytest.mark.parametrize("closed", [True, False])
+def test_multipart_body_cut_inside_its_last_field_is_refused(server, closed):
+    body = cut_submission(closed)
+    with socket.create_connection(("127.0.0.1", server), timeout=10) as sock:
+        sock.sendall(request_head(Content_Length=str(len(body))) + body)
+        status, _, answer = read_response(sock)
+    if closed:
+        assert status == 202, answer
+        assert answer["params"]["num_inference_steps"] == 5
+    else:
+        # Without the check the cut field vanished and the job ran with 20 steps.
+        assert status == 400, answer
+        assert answer["error"]["code"] == "malformed_multipart"
+
+
+def test_closing_boundary_split_across_chunks_is_found(server):
+    body = cut_submission(closed=True)
+
+    def byte_by_byte_tail():
+        yield body[:-40]
+        for i in range(len(body) - 40, len(body)):
+            yield body[i : i + 1]
+
+    response = httpx.post(
+        f"http://127.0.0.1:{server}/v1/edits",
+        content=byte_by_byte_tail(),
+        headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"},
+    )
+    assert response.status_code == 202, response.text

@@ -153,7 +153,16 @@ def run_kit(tmp_path, **env) -> tuple[subprocess.CompletedProcess, Path]:
     stub.write_text(STUB_PYTHON)
     stub.chmod(0o755)
     out = tmp_path / "out"
-    environment = {**os.environ, "OUT": str(out), "PYTHON": str(stub), **env}
+    # No carried wheels: a developer's .whl/ from `make gpu-wheels` must not be installed.
+    wheels = tmp_path / "no-wheels"
+    wheels.mkdir()
+    environment = {
+        **os.environ,
+        "OUT": str(out),
+        "PYTHON": str(stub),
+        "WHEELS": str(wheels),
+        **env,
+    }
     done = subprocess.run(
         ["bash", str(SCRIPT)], env=environment, capture_output=True, text=True, timeout=120
     )

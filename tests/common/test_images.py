@@ -786,3 +786,93 @@ def test_bad_mask_files_are_rejected_like_images(data, code):
     with pytest.raises(ImageRejected) as info:
         prepare_mask(data, (64, 48), invert=False)
     assert info.value.code == code
+
+
+# --- The API's check: no full-size pixels; truncated JPEGs ------------------------------
+
+
+def _scan_start(data: bytes) -> int:
+    """Where the first scan's entropy-coded data begins."""
+    sos = data.index(b"\xff\xda")
+    return sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+
+
+def big_flat_jpeg(size=(7000, 7000)) -> bytes:
+    return encode(Image.new("RGB", size, (120, 130, 140)), "JPEG", quality=80)
+
+
+def test_upload_check_decodes_a_large_jpeg_at_an_eighth_of_its_size(decoded_sizes):
+    data = big_flat_jpeg()
+    loaded = decoded_sizes
+    checked = images.check_image_upload(data)
+    # Every decode it ran was at 1/8 scale: 875x875 pixels held, not 7000x7000.
+    assert loaded and all(w <= 875 and h <= 875 for w, h in loaded)
+    # What the route needs comes from the header: full size, format, EXIF.
+    assert checked.image.size == (7000, 7000) and checked.content_type == "image/jpeg"
+    # The worker's decode is the full one.
+    loaded.clear()
+    assert decode_image(data).image.size == (7000, 7000)
+    assert loaded == [(7000, 7000)]
+
+
+def test_upload_check_rejects_what_the_full_decode_rejects():
+    for data, code in [
+        (b"", "empty_image"),
+        (b"not a picture", "not_an_image"),
+        (image_bytes(fmt="GIF", mode="P"), "unsupported_image_format"),
+        (png_header(8000, 7000), "image_too_large"),
+        (png_header(64, 48), "corrupt_image"),
+        (image_bytes((256, 256), fmt="PNG")[:200], "corrupt_image"),
+        (image_bytes((256, 256), fmt="JPEG")[:400], "corrupt_image"),
+    ]:
+        with pytest.raises(ImageRejected) as info:
+            images.check_image_upload(data)
+        assert info.value.code == code, data[:20]
+    for fmt in ("JPEG", "PNG", "WEBP", "HEIF", "AVIF"):
+        assert images.check_image_upload(image_bytes(fmt=fmt)).format == fmt
+
+
+@pytest.mark.parametrize(
+    "fmt,save",
+    [
+        ("JPEG", {"quality": 90}),
+        ("JPEG", {"quality": 90, "progressive": True}),
+        ("PNG", {}),
+        ("WEBP", {}),
+    ],
+)
+@pytest.mark.parametrize("fraction", [0.5, 0.9, 0.99])
+def test_cut_off_images_are_corrupt_in_the_api_and_the_worker(fmt, save, fraction):
+    data = encode(photo_like((512, 384)), fmt, **save)
+    cut = data[: int(len(data) * fraction)]
+    for check in (images.check_image_upload, decode_image):
+        with pytest.raises(ImageRejected) as info:
+            check(cut)
+        assert info.value.code == "corrupt_image"
+
+
+def test_jpeg_with_a_few_bytes_of_image_data_for_many_pixels_is_corrupt():
+    # A 7000x7000 header, 50 bytes of image data, an end marker: libjpeg paints the rest
+    # flat grey and only warns. Every 8x8 block takes at least one bit.
+    data = big_flat_jpeg()
+    start = _scan_start(data)
+    bomb = data[: start + 50] + b"\xff\xd9"
+    assert len(bomb) < 1000
+    for check in (images.check_image_upload, decode_image):
+        with pytest.raises(ImageRejected) as info:
+            check(bomb)
+        assert info.value.code == "corrupt_image"
+        assert "image data" in info.value.message
+
+
+def test_jpeg_ends_are_checked_on_the_first_picture_only():
+    data = encode(photo_like((256, 192)), "JPEG")
+    # Trailing bytes after the end marker (some cameras and editors leave them), and the
+    # further pictures of an MPO, are not the picture's data.
+    for whole in (data, data + b"\x00garbage\xff\xd8", mpo_bytes()):
+        assert images.jpeg_incomplete_reason(whole) is None
+        images.check_image_upload(whole)
+        decode_image(whole)
+    # An MPO whose first picture is cut is corrupt even though more data follows.
+    first_end = mpo_bytes().index(b"\xff\xd9")
+    assert images.jpeg_incomplete_reason(mpo_bytes()[: first_end - 100]) is not None

@@ -9,10 +9,12 @@ from moto.server import ThreadedMotoServer
 
 from services.common.settings import Settings
 from services.common.storage import (
+    PROBE_PREFIX,
     FileStorage,
     ObjectNotFound,
     S3Storage,
     StorageError,
+    check_writable,
     open_storage,
 )
 from tests.stack import free_port
@@ -138,3 +140,20 @@ def test_s3_unreachable_endpoint_is_a_storage_error(aws_env):
     ):
         with pytest.raises(StorageError):
             call()
+
+
+def test_check_writable_puts_and_deletes_a_probe(storage):
+    check_writable(storage)
+    assert storage.list("") == []  # the probe is gone again
+
+
+def test_check_writable_fails_where_only_reads_work(tmp_path):
+    storage = FileStorage(tmp_path / "store")
+    storage.put("edits/a/input", b"png")
+    # The probe's directory cannot be made (a file is in the way): reads still work,
+    # and ping says so, but nothing can be written there.
+    (tmp_path / "store" / PROBE_PREFIX.rstrip("/")).write_bytes(b"in the way")
+    storage.ping()
+    assert storage.get("edits/a/input") == b"png"
+    with pytest.raises(StorageError, match="could not write"):
+        check_writable(storage)

@@ -43,6 +43,7 @@ class Stack:
 def start_stack(tmp_path_factory, model_dir: str, redis_url: str, **extra: str):
     client = redis.Redis.from_url(redis_url)
     logs = tmp_path_factory.mktemp("logs")
+    port = free_port()
     settings = {
         "redis_url": redis_url,
         "storage_url": f"file://{tmp_path_factory.mktemp('storage')}",
@@ -54,11 +55,12 @@ def start_stack(tmp_path_factory, model_dir: str, redis_url: str, **extra: str):
         "job_redeliver_after_s": "5",
         "reaper_interval_s": "0.5",
         "worker_metrics_port": str(free_port()),
+        # Output URLs are built from this, never from a request's Host header.
+        "public_base_url": f"http://127.0.0.1:{port}",
         **extra,
     }
     env = service_env(**settings)
     worker = start_worker(env, logs)
-    port = free_port()
     try:
         api = start_api(env, logs, port)
     except Exception:

@@ -4,18 +4,32 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile, status
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    Header,
+    Query,
+    Request,
+    Response,
+    UploadFile,
+    status,
+)
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
-from services.api.deps import CeleryDep, JobStoreDep, SettingsDep, StorageDep
+from services.api.deps import AsyncRedisDep, CeleryDep, JobStoreDep, SettingsDep, StorageDep
 from services.api.errors import APIError, ErrorResponse
+from services.api.events import HEARTBEAT_S, job_events, wait_finished
 from services.api.metrics import JOBS_SUBMITTED
 from services.api.schemas import EditJobResponse
 from services.api.submission import submit_job
-from services.api.uploads import check_image, check_mask, read_limited
+from services.api.uploads import check_image, check_mask, read_limited, reject_duplicate_fields
 from services.common.buckets import DEFAULT_RESOLUTION, bucket_for
 from services.common.edit_params import EditParams
 from services.common.images import OUTPUT_FORMATS, upright_size
-from services.common.jobs import EditJob, JobNotFound, JobStatus, TransitionRefused
+from services.common.jobs import FINISHED, EditJob, JobNotFound, JobStatus, TransitionRefused
 from services.common.storage import ObjectNotFound
 
 router = APIRouter(prefix="/v1/edits", tags=["edits"])
@@ -35,30 +49,39 @@ def _output_urls(job: EditJob, request: Request, storage: StorageDep, settings: 
     for index, key in enumerate(job.output_keys):
         url = storage.presigned_url(key, settings.presigned_url_expiry_s)
         if url is None:
-            base = settings.public_base_url or str(request.base_url)
-            url = f"{base.rstrip('/')}/v1/edits/{job.id}/outputs/{index}"
+            # From the configured base, never from the request's Host header.
+            base = settings.public_base_url.rstrip("/")
+            url = f"{base}/v1/edits/{job.id}/outputs/{index}"
         urls.append(url)
     return urls
 
 
 def _respond(job, request, storage, settings) -> EditJobResponse:
-    return EditJobResponse.from_job(job, _output_urls(job, request, storage, settings))
+    # A queued job says where it stands in the queue (reads only, never for other states).
+    position, wait_s = request.app.state.jobs.queue_position(job)
+    urls = _output_urls(job, request, storage, settings)
+    return EditJobResponse.from_job(job, urls, position, wait_s)
 
 
 @router.post(
     "",
+    dependencies=[Depends(reject_duplicate_fields)],
     status_code=status.HTTP_202_ACCEPTED,
     response_model=EditJobResponse,
-    responses=_ERRORS,
+    responses={
+        200: {"model": EditJobResponse, "description": "With `wait`: the job finished in time"},
+        **_ERRORS,
+    },
     summary="Submit an edit job",
 )
-def submit_edit(
+async def submit_edit(
     request: Request,
     response: Response,
     settings: SettingsDep,
     jobs: JobStoreDep,
     storage: StorageDep,
     celery: CeleryDep,
+    async_redis: AsyncRedisDep,
     image: Annotated[
         UploadFile, File(description="Product photo: JPEG, PNG, WebP, HEIC/HEIF or AVIF")
     ],
@@ -72,7 +95,31 @@ def submit_edit(
             "kept exactly (PNG or JPEG, any size; resized to the photo)"
         ),
     ] = None,
+    wait: Annotated[
+        float | None,
+        Query(
+            gt=0,
+            le=60,
+            description="Hold the request until the job finishes, for at most this many "
+            "seconds: 200 with the finished job, or 202 with the job as it then stands "
+            "(422 invalid_wait outside 0 < wait <= 60)",
+        ),
+    ] = None,
 ) -> EditJobResponse:
+    # Reading, checking and storing the upload blocks: off the event loop. Waiting does not.
+    args = (request, settings, jobs, storage, celery, image, params, mask)
+    job = await run_in_threadpool(_accept, *args)
+    JOBS_SUBMITTED.inc()
+    response.headers["Location"] = f"/v1/edits/{job.id}"
+    if wait is not None:
+        job = await wait_finished(async_redis, jobs, job, wait)
+        if job.status in FINISHED:
+            response.status_code = status.HTTP_200_OK
+    return await run_in_threadpool(_respond, job, request, storage, settings)
+
+
+def _accept(request, settings, jobs, storage, celery, image, params, mask) -> EditJob:
+    """The job accepted: uploads read and checked, input stored, record created, queued."""
     data = read_limited(image, settings.max_upload_bytes)
     decoded = check_image(data)
     size = upright_size(decoded.image)
@@ -87,10 +134,7 @@ def submit_edit(
     job = EditJob.new(
         params, decoded.content_type, request.state.request_id, bucket, mask_data is not None
     )
-    job = submit_job(job, data, jobs, storage, celery, mask_data)
-    JOBS_SUBMITTED.inc()
-    response.headers["Location"] = f"/v1/edits/{job.id}"
-    return _respond(job, request, storage, settings)
+    return submit_job(job, data, jobs, storage, celery, mask_data)
 
 
 @router.get("/{job_id}", response_model=EditJobResponse, responses=_ERRORS, summary="Get a job")
@@ -98,6 +142,52 @@ def get_edit(
     job_id: str, request: Request, jobs: JobStoreDep, storage: StorageDep, settings: SettingsDep
 ) -> EditJobResponse:
     return _respond(_load(jobs, job_id), request, storage, settings)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "Server-sent events: `status`, `progress`, `queue_position`, then "
+            "`completed`, `failed` or `canceled` with the finished job (as `GET "
+            "/v1/edits/{id}` returns it), after which the stream ends. Every change carries "
+            "an id; reconnecting with `Last-Event-ID` resumes from the current state.",
+        },
+        204: {"description": "The job ended, and the client already saw its final event"},
+        **_ERRORS,
+    },
+    summary="Follow a job as it happens",
+)
+async def edit_events(
+    job_id: str,
+    request: Request,
+    jobs: JobStoreDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    async_redis: AsyncRedisDep,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> Response:
+    job = await run_in_threadpool(_load, jobs, job_id)
+
+    def render(finished: EditJob) -> EditJobResponse:
+        return _respond(finished, request, storage, settings)
+
+    events = job_events(async_redis, jobs, job, last_event_id, render)
+    if job.status in FINISHED and last_event_id is not None:
+        # A client that saw the end reconnects (as EventSource does): 204 stops it.
+        first = await anext(events, None)
+        if first is None:
+            return Response(status_code=status.HTTP_204_NO_CONTENT)
+        return EventSourceResponse(_prepend(first, events), ping=HEARTBEAT_S)
+    return EventSourceResponse(events, ping=HEARTBEAT_S)
+
+
+async def _prepend(first, rest):
+    yield first
+    async for item in rest:
+        yield item
 
 
 @router.get(
