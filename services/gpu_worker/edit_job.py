@@ -60,7 +60,7 @@ from services.common.jobs import (
 from services.common.logging import bind_request_id
 from services.common.storage import ObjectNotFound, Storage, StorageError
 from services.gpu_worker.engine import EditEngine, EditRequest, is_out_of_memory
-from services.gpu_worker.full_resolution import to_output
+from services.gpu_worker.full_resolution import OutputShaper
 from services.gpu_worker.progress import (
     PROGRESS_INTERVAL_S,
     ClaimLost,
@@ -500,27 +500,27 @@ class EditRunner:
 
     # -- outcomes ----------------------------------------------------------------------
 
-    def _output(self, item: _Loaded, edited: Image.Image) -> bytes:
-        """One output as the client asked for it: at the photo's size with its detail
-        kept, or at the model's; masked-out pixels the input's; encoded."""
+    def _shaper(self, item: _Loaded) -> OutputShaper:
+        """How the job's outputs are made as the client asked for them: at the photo's
+        size with its detail kept, or at the model's; masked-out pixels the input's."""
         params: EditParams = item.job.params
         model_input = item.request.image
         size = item.original.size if params.output_size == OutputSize.input else model_input.size
-        image = to_output(
+        return OutputShaper(
             item.original,
             model_input,
-            edited,
             size,
             item.mask,
             params.mask_feather,
             device=self.engine.device,
         )
-        return encode_output(image, params.output_format, params.output_quality)
 
-    def _store(self, item: _Loaded, edited: Image.Image, key: str) -> None:
-        fmt = OUTPUT_FORMATS[item.job.params.output_format]
+    def _store(self, item: _Loaded, shape: OutputShaper, edited: Image.Image, key: str) -> None:
+        params = item.job.params
+        fmt = OUTPUT_FORMATS[params.output_format]
         with bind_request_id(item.job.request_id, item.job.id):
-            self.storage.put(key, self._output(item, edited), fmt.content_type)
+            data = encode_output(shape(edited), params.output_format, params.output_quality)
+            self.storage.put(key, data, fmt.content_type)
 
     def _record_outcome(self, item: _Loaded, outcome, engine_s: float) -> JobStatus | None:
         job = item.job
@@ -543,8 +543,9 @@ class EditRunner:
             output_key(job.id, index, job.lease_owner or "unowned", extension)
             for index in range(len(outcome))
         ]
+        shape = self._shaper(item)  # once for all of the job's outputs
         futures = [
-            self._io.submit(self._store, item, image, key)
+            self._io.submit(self._store, item, shape, image, key)
             for image, key in zip(outcome, keys, strict=True)
         ]
         storage_error: StorageError | None = None

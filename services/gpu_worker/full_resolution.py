@@ -68,25 +68,56 @@ def to_output(
     `mask` (mode "L", white = may change, at `original.size`) limits the edit; `feather`
     is the width of its soft edge in output pixels, 0 for a hard edge.
     """
-    size = tuple(size)
-    _check(original, model_input, edited, size, mask, feather)
-    bucket = edited.size
-    if size == bucket and mask is None:
-        return edited
-    device = torch.device(device)
-    # Outside the mask the output must be the client's own pixels: the photo itself when
-    # the output has its size, else what the model saw.
-    reference = _tensor(original if size == original.size else model_input, device)
-    if size == bucket:
-        result = _tensor(edited, device)
-    else:
-        result = upscale_with_detail(
-            reference, _tensor(model_input, device), _tensor(edited, device)
-        )
-    if mask is not None:
-        alpha = feather_alpha(_binary_mask(mask, size, device), feather)
-        result = composite(result, reference, alpha)
-    return _image(result)
+    return OutputShaper(original, model_input, size, mask, feather, device)(edited)
+
+
+class OutputShaper:
+    """`to_output` for every output of one job: what they share (the photo on the device,
+    its detail layer, the mask's alpha) is made once, when the job's outputs are, not
+    once per output. Calls only read it, so outputs may be shaped on several threads."""
+
+    @torch.inference_mode()
+    def __init__(
+        self,
+        original: Image.Image,
+        model_input: Image.Image,
+        size: tuple[int, int],
+        mask: Image.Image | None = None,
+        feather: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.size = size = tuple(size)
+        _check(original, model_input, model_input, size, mask, feather)
+        self.bucket = bucket = model_input.size
+        self.device = device = torch.device(device)
+        self.passthrough = size == bucket and mask is None
+        if self.passthrough:
+            return
+        # Outside the mask the output must be the client's own pixels: the photo itself
+        # when the output has its size, else what the model saw.
+        self.reference = _tensor(original if size == original.size else model_input, device)
+        self.model_input = _tensor(model_input, device)
+        self.detail = None
+        if size != bucket:
+            self.detail = _detail_layer(self.reference, self.model_input)
+        self.alpha = None
+        if mask is not None:
+            self.alpha = feather_alpha(_binary_mask(mask, size, device), feather)
+
+    @torch.inference_mode()
+    def __call__(self, edited: Image.Image) -> Image.Image:
+        if edited.mode != "RGB":
+            raise ValueError(f"edited must be RGB, not {edited.mode}")
+        if edited.size != self.bucket:
+            raise ValueError(f"model_input is {self.bucket} but edited is {edited.size}")
+        if self.passthrough:
+            return edited
+        result = _tensor(edited, self.device)
+        if self.detail is not None:
+            result = _with_detail(self.detail, self.model_input, result)
+        if self.alpha is not None:
+            result = composite(result, self.reference, self.alpha)
+        return _image(result)
 
 
 def upscale_with_detail(
@@ -94,12 +125,22 @@ def upscale_with_detail(
 ) -> torch.Tensor:
     """uint8 (1, 3, H, W) at the original's size: the edit resized up, plus the original's
     detail layer wherever the edit left the image unchanged."""
-    hw = original.shape[-2:]
+    return _with_detail(_detail_layer(original, model_input), model_input, edited)
+
+
+def _detail_layer(original: torch.Tensor, model_input: torch.Tensor) -> torch.Tensor:
+    """float (1, 3, H, W): what the bucket could not hold, the original minus its own
+    down-and-up-sampled version (the same filter the edit is resized up with)."""
+    return original.float().sub_(resize(model_input.float(), original.shape[-2:]))
+
+
+def _with_detail(
+    detail: torch.Tensor, model_input: torch.Tensor, edited: torch.Tensor
+) -> torch.Tensor:
+    hw = detail.shape[-2:]
     weight = resize(change_weight(model_input.float(), edited.float()), hw, "bilinear")
-    # The same filter for the edit and for what it is compared with.
-    up_edited, up_input = resize(edited.float(), hw), resize(model_input.float(), hw)
-    out = original.float().sub_(up_input).mul_(weight).add_(up_edited)
-    return _to_uint8(out)
+    # `detail` is shared by a job's outputs: multiplied into a new tensor, not in place.
+    return _to_uint8((detail * weight).add_(resize(edited.float(), hw)))
 
 
 def change_weight(model_input: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from bench.synthetic_photos import fabric
-from services.gpu_worker.full_resolution import feather_alpha, to_output
+from services.gpu_worker.full_resolution import OutputShaper, feather_alpha, to_output
 
 DEVICES = [
     "cpu",
@@ -201,3 +201,15 @@ def test_rejects_sizes_it_cannot_produce(stretched_case):
         to_output(original, model_input, edited, (1000, 700), None, 0)
     with pytest.raises(ValueError, match="mask"):
         to_output(original, model_input, edited, original.size, mask.resize((600, 400)), 8)
+
+
+def test_one_shaper_makes_every_output_of_a_job_as_to_output_does(device, stretched_case):
+    """The photo, its detail layer and the mask's alpha are made once for a job's
+    outputs; each output is what `to_output` makes of it alone."""
+    original, model_input, edited, mask = stretched_case
+    others = [edited, model_edit(model_input, changed_width=320, seed=2)]
+    for size in (original.size, model_input.size):
+        shape = OutputShaper(original, model_input, size, mask, 8, device)
+        for output in others:
+            alone = to_output(original, model_input, output, size, mask, 8, device)
+            assert np.array_equal(np.asarray(shape(output)), np.asarray(alone))
