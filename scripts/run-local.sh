@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Start the local stack: Redis (if nothing answers), the API on HOST:PORT, one edit worker
-# and one datagen worker, with file storage under ./var. Ctrl-C stops everything started.
+# Start the local stack: Redis (if nothing answers), the API on HOST:PORT, one edit worker,
+# one datagen worker and one webhook worker, with file storage under ./var. Ctrl-C stops
+# everything started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,6 +70,22 @@ pids+=($!)
 "$BIN/celery" --app services.datagen.celery_worker worker --queues datagen \
   --pool prefork --concurrency 1 --loglevel INFO --hostname "datagen@%h" &
 pids+=($!)
+# Webhook deliveries wait on the network, not on a GPU: threads, several at once.
+"$BIN/celery" --app services.webhooks.tasks worker --queues webhooks \
+  --pool threads --concurrency 8 --loglevel INFO --hostname "webhooks@%h" &
+pids+=($!)
+# API keys: required unless said otherwise, except for local development on loopback.
+if [[ -z "${INSTRUCTEDIT_AUTH:-}" ]]; then
+  case "$HOST" in
+    127.*|localhost|::1)
+      export INSTRUCTEDIT_AUTH=disabled
+      echo "auth: disabled, for local development (the API listens on $HOST only; INSTRUCTEDIT_AUTH=required turns keys on)"
+      ;;
+    *)
+      echo "auth: required; create a key with: $BIN/python -m services.api keys create --name NAME"
+      ;;
+  esac
+fi
 # Output URLs are built from this, never from a request's Host header.
 export INSTRUCTEDIT_PUBLIC_BASE_URL=${INSTRUCTEDIT_PUBLIC_BASE_URL:-http://$HOST:$PORT}
 "$BIN/uvicorn" services.api.main:app --host "$HOST" --port "$PORT" &

@@ -66,7 +66,9 @@ class Service:
         self._log.close()
 
 
-def _celery_worker(app: str, queue: str, name: str, env, log_dir: Path) -> Service:
+def _celery_worker(
+    app: str, queue: str, name: str, env, log_dir: Path, pool: tuple[str, str] = ("prefork", "1")
+) -> Service:
     """A Celery worker started exactly as production starts it (prefork, one process)."""
     argv = [
         str(BIN / "celery"),
@@ -76,9 +78,9 @@ def _celery_worker(app: str, queue: str, name: str, env, log_dir: Path) -> Servi
         "--queues",
         queue,
         "--pool",
-        "prefork",
+        pool[0],
         "--concurrency",
-        "1",
+        pool[1],
         "--loglevel",
         "INFO",
         "--hostname",
@@ -91,6 +93,13 @@ def _celery_worker(app: str, queue: str, name: str, env, log_dir: Path) -> Servi
 
 def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker") -> Service:
     return _celery_worker("services.gpu_worker.celery_worker", "edits", name, env, log_dir)
+
+
+def start_webhooks_worker(env: dict[str, str], log_dir: Path) -> Service:
+    """The webhook worker as compose runs it: threads, several deliveries at once."""
+    return _celery_worker(
+        "services.webhooks.tasks", "webhooks", "webhooks", env, log_dir, pool=("threads", "4")
+    )
 
 
 def start_api(env: dict[str, str], log_dir: Path, port: int) -> Service:

@@ -27,11 +27,15 @@ class ErrorResponse(BaseModel):
 
 
 class APIError(Exception):
-    def __init__(self, status_code: int, code: str, message: str) -> None:
+    def __init__(
+        self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.code = code
         self.message = message
+        # What the status needs beside the body: WWW-Authenticate, Retry-After.
+        self.headers = headers or {}
 
 
 def error_response(status_code: int, code: str, message: str, **headers: str) -> JSONResponse:
@@ -49,6 +53,10 @@ def storage_unavailable() -> APIError:
 
 def queue_unavailable() -> APIError:
     return APIError(503, "queue_unavailable", "the job could not be queued; retry later")
+
+
+# FastAPI's HTTPException detail for a request body it could not parse at all.
+_UNPARSABLE_BODY = "There was an error parsing the body"
 
 
 def _invalid_json(exc: RequestValidationError) -> dict | None:
@@ -91,7 +99,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, _validation_code(exc), _describe_validation(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
+            # FastAPI's answer to a body it could not even decode (bytes that are not
+            # UTF-8, say): for JSON that is broken JSON like any other.
+            if "json" in request.headers.get("content-type", ""):
+                return error_response(
+                    422, "invalid_json", "the request body is not valid JSON (nor UTF-8 text)"
+                )
+            return error_response(400, "malformed_body", "the request body could not be parsed")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         # Starlette's headers carry what the status needs, such as a 405's Allow.
         return error_response(exc.status_code, code, str(exc.detail), **(exc.headers or {}))
@@ -117,4 +133,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _as_response(exc: APIError) -> JSONResponse:
-    return error_response(exc.status_code, exc.code, exc.message)
+    return error_response(exc.status_code, exc.code, exc.message, **exc.headers)

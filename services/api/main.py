@@ -14,9 +14,13 @@ from fastapi import FastAPI
 
 from services.api import metrics
 from services.api.errors import install_error_handlers
+from services.api.idempotency import IdempotencyStore
+from services.api.limits import SubmissionLimits
 from services.api.middleware import RequestContextMiddleware
 from services.api.routes import datasets, edits, health
+from services.api.signed_urls import LazySigner
 from services.api.uploads import UploadLimitMiddleware
+from services.common.api_keys import KeyStore
 from services.common.celery_app import create_celery_app
 from services.common.datasets import RunStore
 from services.common.jobs import JobStore
@@ -24,6 +28,7 @@ from services.common.logging import configure_logging
 from services.common.queues import EDITS_QUEUE
 from services.common.settings import Settings, get_settings
 from services.common.storage import open_storage
+from services.common.webhook_notify import WebhookNotifier
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +85,21 @@ def create_app(settings: Settings | None = None, *, warm_broker: bool = False) -
     # Job event streams and `?wait=` block on Redis without holding a thread.
     app.state.async_redis = redis.asyncio.Redis.from_url(settings.redis_url)
     app.state.jobs = JobStore(
-        app.state.redis, settings.job_ttl_s, redeliver_after_s=settings.job_redeliver_after_s
+        app.state.redis,
+        settings.job_ttl_s,
+        redeliver_after_s=settings.job_redeliver_after_s,
+        max_unfinished=settings.max_queue_depth,
+        max_unfinished_per_owner=settings.max_unfinished_jobs_per_key,
     )
     app.state.runs = RunStore(app.state.redis, settings.job_ttl_s)
     app.state.storage = open_storage(settings)
+    app.state.keys = KeyStore(app.state.redis)
+    app.state.limits = SubmissionLimits(settings)
+    app.state.idempotency = IdempotencyStore(app.state.redis, settings.idempotency_ttl_s)
+    # The signing secret is read from Redis once it is needed (Redis may be down now).
+    app.state.url_signer = LazySigner(app.state.redis, settings)
     app.state.celery = create_celery_app(settings)
+    app.state.notify = WebhookNotifier(app.state.celery)
     install_error_handlers(app)
     # Added first, so it runs inside the request context: its 413s carry the request id
     # and are counted and logged like every other response.

@@ -14,7 +14,13 @@ import redis
 from celery import Celery
 
 from services.api.errors import job_store_unavailable, queue_unavailable
-from services.common.jobs import EditJob, JobNotFound, JobStore, TransitionRefused
+from services.common.jobs import (
+    EditJob,
+    JobNotFound,
+    JobStore,
+    SubmissionRefused,
+    TransitionRefused,
+)
 from services.common.queues import enqueue_edit
 from services.common.storage import Storage
 
@@ -41,6 +47,11 @@ def submit_job(
             raise
     try:
         job = jobs.create(job)
+    except (SubmissionRefused, TransitionRefused):
+        # A limit refused it (or, impossibly, the id was taken): nothing may stay stored.
+        for key in filter(None, (job.input_key, job.mask_key)):
+            _quietly(f"deleting {key}", storage.delete, key)
+        raise
     except redis.RedisError as exc:
         log.error("recording job %s failed: %r", job.id, exc)
         # A write that timed out may still have landed; the record must not outlive its input.

@@ -9,7 +9,13 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from services.common.queues import DATAGEN_QUEUE, EDIT_TASK, EDITS_QUEUE
+from services.common.queues import (
+    DATAGEN_QUEUE,
+    EDIT_TASK,
+    EDITS_QUEUE,
+    WEBHOOK_TASK,
+    WEBHOOKS_QUEUE,
+)
 from services.common.settings import Settings, get_settings
 
 
@@ -22,9 +28,12 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         # Job state lives in our own Redis job records; Celery results would be a second,
         # divergent copy.
         task_ignore_result=True,
-        task_queues=[Queue(EDITS_QUEUE), Queue(DATAGEN_QUEUE)],
+        task_queues=[Queue(EDITS_QUEUE), Queue(DATAGEN_QUEUE), Queue(WEBHOOKS_QUEUE)],
         task_default_queue=EDITS_QUEUE,
-        task_routes={EDIT_TASK: {"queue": EDITS_QUEUE}},
+        task_routes={
+            EDIT_TASK: {"queue": EDITS_QUEUE},
+            WEBHOOK_TASK: {"queue": WEBHOOKS_QUEUE},
+        },
         # A GPU task is acknowledged only after it ran, and goes back to the queue when the
         # worker process dies under it; one job reserved at a time per process.
         task_acks_late=True,

@@ -1,7 +1,13 @@
 """The dataset-run contract: what a client asks for, the run's record, and its storage keys.
 
-A run is identified by a hash of its spec, so submitting the same spec again resumes the
-same run: rows already in storage are skipped, nothing is generated twice.
+A run belongs to the API key that created it and is identified by a hash of that key's id
+and the spec, so the same key submitting the same spec again resumes the same run (rows
+already in storage are skipped, nothing is generated twice), while two keys never share
+a run.
+
+Caption rows a client supplies (``rows``) are stored apart from the run's record, one
+Redis list element per row: the record keeps their count and hash, and a worker reads the
+row it makes by index (LINDEX) without parsing the others.
 
 Status changes are compare-and-set (as every JobStore operation is), so a cancel racing a
 worker is never overwritten. Every (re)queue of a run starts a new *generation*; its tasks
@@ -23,8 +29,15 @@ import redis
 from pydantic import BaseModel, Field, model_validator
 
 from services.common.jobs import utcnow
+from services.common.listing import owner_index_key, page
+
+# The task the API queues for a (re)queued run: it enqueues the run's chunk tasks on a
+# datagen worker, so that a post's time does not grow with the run's size.
+from services.common.queues import DATAGEN_PLAN_TASK  # noqa: F401  (re-exported)
 
 MAX_ROWS_PER_RUN = 1_000_000
+# Caption rows a spec may give itself (``rows``).
+MAX_SPEC_ROWS = 10_000
 ROWS_PER_CHUNK = 8
 # A running or exporting run whose workers have not reported (a finished row, an export
 # heartbeat) for this long is stale: posting its spec again re-enqueues what is missing.
@@ -42,20 +55,54 @@ class RowInput(BaseModel):
     edit_type: str = Field("custom", max_length=64)
 
 
-class DatasetSpec(BaseModel):
-    """Either `rows`, or `num_rows` captions from the synthesizer with `seed`."""
+# The largest JSON body a spec needs: MAX_SPEC_ROWS rows with every caption at its maximum
+# length (a row is ~1,100 bytes of compact JSON with ASCII captions; the allowance covers
+# indentation and some non-ASCII text), plus the other fields. The API refuses bigger
+# bodies (413 payload_too_large) before parsing them.
+MAX_ROW_JSON_BYTES = 1_600
+MAX_SPEC_BYTES = MAX_SPEC_ROWS * MAX_ROW_JSON_BYTES + 64 * 1024
 
-    rows: list[RowInput] | None = Field(None, max_length=10_000)
+
+class _SpecOptions(BaseModel):
+    """What a spec says besides the rows it gives (shared by the spec a client posts and
+    the spec a run's record keeps)."""
+
     num_rows: int | None = Field(None, ge=1, le=MAX_ROWS_PER_RUN)
     seed: int = Field(0, ge=0, le=2**32 - 1)
     pairs_per_row: int = Field(4, ge=1, le=16)
-    model: str | None = Field(None, description="SD 1.x hub id or directory; server default")
+    model: str | None = Field(
+        None,
+        description="The text-to-image model: one of the ids the server allows "
+        "(its `datagen_models` setting); null: the server's default",
+    )
     num_inference_steps: int = Field(50, ge=1, le=200)
     resolution: int | None = Field(None, ge=64, le=1024, multiple_of=8)
     p_range: tuple[float, float] = (0.1, 0.9)
     text_guidance_range: tuple[float, float] = (7.5, 15.0)
     filter: bool = False
-    clip_model: str | None = None
+    clip_model: str | None = Field(
+        None,
+        description="The CLIP model of the filter: one of the ids the server allows "
+        "(its `datagen_clip_models` setting); null: the server's default",
+    )
+
+
+class RunSpec(_SpecOptions):
+    """A run's spec as its record keeps (and the API shows) it: rows the client gave are
+    stored apart, here only their count and the SHA-256 of their canonical JSON."""
+
+    rows_count: int | None = None
+    rows_sha256: str | None = None
+
+    @property
+    def total_rows(self) -> int:
+        return self.rows_count if self.rows_count is not None else self.num_rows
+
+
+class DatasetSpec(_SpecOptions):
+    """Either `rows`, or `num_rows` captions from the synthesizer with `seed`."""
+
+    rows: list[RowInput] | None = Field(None, min_length=1, max_length=MAX_SPEC_ROWS)
 
     @model_validator(mode="after")
     def _check(self) -> DatasetSpec:
@@ -73,9 +120,27 @@ class DatasetSpec(BaseModel):
     def total_rows(self) -> int:
         return len(self.rows) if self.rows is not None else self.num_rows
 
-    def run_id(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+    def run_id(self, owner: str | None = None) -> str:
+        """The run's id: a hash of the owner's key id and the spec (None: the spec alone,
+        for local runs without an API)."""
+        content = self.model_dump(mode="json")
+        if owner is not None:
+            content = {"owner": owner, "spec": content}
+        canonical = json.dumps(content, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+    def row_lines(self) -> list[str]:
+        """The given rows as canonical JSON, one string per row (empty without rows)."""
+        return [json.dumps(row.model_dump(mode="json"), sort_keys=True) for row in self.rows or ()]
+
+    def stored(self, row_lines: list[str] | None = None) -> RunSpec:
+        """The spec as a run's record keeps it (``row_lines``: ``row_lines()``, if made)."""
+        options = self.model_dump(exclude={"rows"})
+        if self.rows is None:
+            return RunSpec(**options)
+        lines = self.row_lines() if row_lines is None else row_lines
+        digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+        return RunSpec(**options, rows_count=len(lines), rows_sha256=digest)
 
 
 class RunStatus(StrEnum):
@@ -105,8 +170,11 @@ class RunError(BaseModel):
 
 class DatasetRun(BaseModel):
     id: str
+    # The id of the API key that created the run; only that key sees it.
+    # The API key id the run belongs to ("" in records from before keys: nobody's).
+    owner: str = ""
     status: RunStatus = RunStatus.queued
-    spec: DatasetSpec
+    spec: RunSpec
     progress: RunProgress
     # Bumped each time the run is (re)queued; tasks of another generation do nothing.
     generation: int = 0
@@ -142,6 +210,23 @@ def export_prefix(run_id: str) -> str:
 
 def chunk_ranges(total: int, size: int = ROWS_PER_CHUNK) -> list[tuple[int, int]]:
     return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+class RunRowsMissing(LookupError):
+    """A run's stored caption rows are gone (expired, or deleted)."""
+
+    def __init__(self, run_id: str, index: int) -> None:
+        super().__init__(f"dataset run {run_id}: caption row {index} is not stored")
+        self.run_id = run_id
+        self.index = index
+
+
+class DatasetRunList(BaseModel):
+    """A page of the caller's dataset runs, newest first."""
+
+    data: list[DatasetRun]
+    # Pass as `cursor` for the next page; null: this is the last page.
+    next_cursor: str | None = None
 
 
 class RunNotFound(KeyError):
@@ -189,12 +274,15 @@ _MEMBERSHIP_BATCH = 10_000
 
 
 class RunStore:
-    """Dataset runs in Redis: the record as JSON, rows done as a set with pair counts, the
-    heartbeat as a timestamp, and the export lease."""
+    """Dataset runs in Redis: the record as JSON, the caption rows a spec gave as a list,
+    rows done as a set with pair counts, the heartbeat as a timestamp, the export lease,
+    how far the run's chunk tasks are enqueued, and each owner's runs as a sorted set
+    (newest first listings)."""
 
     def __init__(self, client: redis.Redis, ttl_s: int, namespace: str = "instructedit") -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        self.namespace = namespace
         self.ns = f"{namespace}:dataset"
         self._row_done = client.register_script(_ROW_DONE)
         self._lease_renew = client.register_script(_LEASE_RENEW)
@@ -218,17 +306,63 @@ class RunStore:
         return run
 
     def get(self, run_id: str) -> DatasetRun | None:
-        run = self._record(self.redis, run_id)
-        if run is None:
-            return None
-        counts = self.redis.hgetall(self._key(run_id, "counts"))
-        run.progress.rows_done = self.redis.scard(self._key(run_id, "rows"))
-        run.progress.pairs_generated = int(counts.get(b"generated", 0))
-        run.progress.pairs_kept = int(counts.get(b"kept", 0))
-        return run
+        return self.get_many([run_id])[0]
+
+    def get_many(self, run_ids: Iterable[str]) -> list[DatasetRun | None]:
+        """The runs with progress, in the order of ``run_ids`` (None: no such run), read
+        in one round trip."""
+        run_ids = list(run_ids)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.get(self._key(run_id))
+                pipe.get(self._key(run_id, "heartbeat"))
+                pipe.hgetall(self._key(run_id, "counts"))
+                pipe.scard(self._key(run_id, "rows"))
+            replies = pipe.execute()
+        runs: list[DatasetRun | None] = []
+        for at in range(0, len(replies), 4):
+            raw, heartbeat, counts, rows_done = replies[at : at + 4]
+            if raw is None:
+                runs.append(None)
+                continue
+            run = DatasetRun.model_validate_json(raw)
+            run.heartbeat_at = self._heartbeat(heartbeat)
+            run.progress.rows_done = rows_done
+            run.progress.pairs_generated = int(counts.get(b"generated", 0))
+            run.progress.pairs_kept = int(counts.get(b"kept", 0))
+            runs.append(run)
+        return runs
+
+    def owner_index(self, owner: str) -> str:
+        """The sorted set of ``owner``'s runs (score: creation time)."""
+        return owner_index_key(self.namespace, "datasets", owner)
+
+    def list_runs(
+        self,
+        owner: str,
+        limit: int = 20,
+        cursor: str | None = None,
+        status: RunStatus | None = None,
+    ) -> tuple[list[DatasetRun], str | None]:
+        """A page of ``owner``'s runs, newest first, and the next page's cursor (raises
+        ``listing.BadCursor``)."""
+
+        def keep(run: DatasetRun) -> bool:
+            return run.owner == owner and (status is None or run.status == status)
+
+        return page(self.redis, self.owner_index(owner), self.get_many, limit, cursor, keep)
 
     def _write(self, pipe, run: DatasetRun) -> None:
         pipe.set(self._key(run.id), run.model_dump_json(exclude={"heartbeat_at"}), ex=self.ttl_s)
+        # The given rows live as long as the record (EXPIRE of a missing key does nothing).
+        pipe.expire(self._key(run.id, "input-rows"), self.ttl_s)
+
+    def input_row(self, run_id: str, index: int) -> RowInput:
+        """Caption row ``index`` of the rows a run's spec gave (raises RunRowsMissing)."""
+        raw = self.redis.lindex(self._key(run_id, "input-rows"), index)
+        if raw is None:
+            raise RunRowsMissing(run_id, index)
+        return RowInput.model_validate_json(raw)
 
     def beat(self, run_id: str, at: datetime | None = None) -> None:
         """Record a sign of life of the run's workers (``at``: now by default)."""
@@ -240,10 +374,11 @@ class RunStore:
         run_id: str,
         change: Callable[[DatasetRun | None], DatasetRun | None],
         beat: bool = False,
+        also: Callable[[Any, DatasetRun], None] | None = None,
     ) -> DatasetRun | None:
         """Read the record, let ``change`` decide the new one (None: write nothing), write
-        it (and a heartbeat, with ``beat``) if neither the record nor the heartbeat changed
-        meanwhile; retry otherwise."""
+        it (and a heartbeat, with ``beat``; and what ``also(pipe, record)`` adds) if
+        neither the record nor the heartbeat changed meanwhile; retry otherwise."""
         keys = (self._key(run_id), self._key(run_id, "heartbeat"))
         while True:
             with self.redis.pipeline() as pipe:
@@ -257,6 +392,8 @@ class RunStore:
                     self._write(pipe, updated)
                     if beat:
                         pipe.set(keys[1], repr(utcnow().timestamp()), ex=self.ttl_s)
+                    if also is not None:
+                        also(pipe, updated)
                     pipe.execute()
                     return updated
                 except redis.WatchError:
@@ -294,11 +431,14 @@ class RunStore:
         return utcnow() - run.last_seen() > timedelta(seconds=stale_after_s)
 
     def create_or_resume(
-        self, spec: DatasetSpec, stale_after_s: float = STALE_RUN_AFTER_S
+        self, spec: DatasetSpec, owner: str, stale_after_s: float = STALE_RUN_AFTER_S
     ) -> tuple[DatasetRun, bool]:
-        """The run for ``spec``, and whether it must be (re)queued: it is new, failed,
-        canceled, or stale. A requeued run starts a new generation."""
-        run_id = spec.run_id()
+        """``owner``'s run for ``spec``, and whether it must be (re)queued: it is new,
+        failed, canceled, or stale. A requeued run starts a new generation; its given
+        rows are (re)written with it, and it is (re)indexed under its owner."""
+        run_id = spec.run_id(owner)
+        row_lines = spec.row_lines()
+        stored_spec = spec.stored(row_lines)
         requeued = False
 
         def change(existing: DatasetRun | None) -> DatasetRun | None:
@@ -313,18 +453,29 @@ class RunStore:
             requeued = True
             return DatasetRun(
                 id=run_id,
-                spec=spec,
+                owner=owner,
+                spec=stored_spec,
                 progress=RunProgress(rows_total=spec.total_rows),
                 generation=existing.generation + 1 if existing else 0,
                 created_at=existing.created_at if existing else utcnow(),
             )
 
+        def store_rows_and_index(pipe, run: DatasetRun) -> None:
+            if row_lines:
+                rows = self._key(run_id, "input-rows")
+                pipe.delete(rows)
+                pipe.rpush(rows, *row_lines)
+                pipe.expire(rows, self.ttl_s)
+            index = self.owner_index(owner)
+            pipe.zadd(index, {run_id: run.created_at.timestamp()})
+            pipe.expire(index, self.ttl_s)
+
         # The heartbeat goes with the record: a concurrent post must not find the resumed
         # run still stale and requeue it once more.
-        self._transact(run_id, change, beat=True)
+        self._transact(run_id, change, beat=True, also=store_rows_and_index)
         run = self.get(run_id)
         if run is None:  # expired in between; a new record is one retry away
-            return self.create_or_resume(spec, stale_after_s)
+            return self.create_or_resume(spec, owner, stale_after_s)
         return run, requeued
 
     def row_done(self, run_id: str, index: int, generated: int, kept: int) -> int:
@@ -344,14 +495,30 @@ class RunStore:
             missing += [index for index, done in zip(batch, flags, strict=True) if not done]
         return missing
 
-    def chunks_to_enqueue(self, run: DatasetRun) -> list[tuple[int, int]]:
-        """The chunks of a (re)queued run that still have rows to make. When none has,
-        the last chunk alone: its task finds nothing to make and moves the run on to its
-        export."""
-        chunks = chunk_ranges(run.spec.total_rows)
-        missing = set(self.missing_rows(run.id, range(run.spec.total_rows)))
-        pending = [c for c in chunks if any(i in missing for i in range(*c))]
-        return pending or chunks[-1:]
+    def chunks_to_enqueue(self, run: DatasetRun, start: int = 0) -> list[tuple[int, int]]:
+        """The chunks of a (re)queued run from row ``start`` on that still have rows to
+        make. When no chunk of the run has any, the last chunk alone: its task finds
+        nothing to make and moves the run on to its export."""
+        total = run.spec.total_rows
+        chunks = chunk_ranges(total)
+        missing = set(self.missing_rows(run.id, range(start, total)))
+        pending = [c for c in chunks if c[0] >= start and any(i in missing for i in range(*c))]
+        if pending or (start > 0 and self.missing_rows(run.id, range(start))):
+            return pending
+        return [c for c in chunks[-1:] if c[0] >= start]
+
+    # How far a generation's chunk tasks are enqueued (the planning task records it as it
+    # goes, so that a planning task run again goes on from there).
+    def plan_position(self, run_id: str, generation: int) -> int:
+        """The row before which chunk tasks of ``generation`` are enqueued (0: none)."""
+        raw = self.redis.get(self._key(run_id, "planned"))
+        if raw is None:
+            return 0
+        stored_generation, _, position = raw.decode().partition(":")
+        return int(position) if int(stored_generation) == generation else 0
+
+    def set_plan_position(self, run_id: str, generation: int, position: int) -> None:
+        self.redis.set(self._key(run_id, "planned"), f"{generation}:{position}", ex=self.ttl_s)
 
     # The export lease: one export of a run at a time, even when the broker redelivers the
     # export task while the first delivery still runs (it outlasts the visibility timeout).

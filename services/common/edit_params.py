@@ -20,6 +20,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from services.common.schedulers import MAX_STEPS, Scheduler
+from services.common.webhooks import WEBHOOK_URL_MAX_LENGTH, WebhookEvent, WebhookSpec
 
 SEED_MAX = 2**32 - 1
 
@@ -142,13 +143,44 @@ def batch_key(size: tuple[int, int], params: EditParams) -> str:
     return ":".join([f"{size[0]}x{size[1]}", *shared, mode])
 
 
+# -- the submission form -------------------------------------------------------------------
+
+_EVENT_NAMES = "|".join(event.value for event in WebhookEvent)
+
+
+class EditForm(EditParams):
+    """The submission form: the edit's parameters, and where to deliver its events."""
+
+    webhook_url: str | None = Field(
+        None,
+        max_length=WEBHOOK_URL_MAX_LENGTH,
+        description="where to deliver the job's events (Standard Webhooks, signed with the "
+        "key's webhook secret): an http(s) URL of a public host",
+    )
+    webhook_events: str = Field(
+        "completed",
+        pattern=rf"^\s*({_EVENT_NAMES})(\s*,\s*({_EVENT_NAMES}))*\s*$",
+        description="which events to deliver, comma-separated: `start`, `progress`, "
+        "`completed` (the job ended: succeeded, failed or canceled)",
+    )
+
+    def split(self) -> tuple[EditParams, WebhookSpec | None]:
+        params = EditParams.model_validate(
+            self.model_dump(exclude={"webhook_url", "webhook_events"})
+        )
+        if self.webhook_url is None:
+            return params, None
+        names = dict.fromkeys(name.strip() for name in self.webhook_events.split(","))
+        return params, WebhookSpec(url=self.webhook_url, events=list(names))
+
+
 # -- the README's parameter table ----------------------------------------------------------
 
 
 def markdown_rows() -> list[str]:
-    """One README table row per parameter: name, default, description and bounds."""
+    """One README table row per form field: name, default, description and bounds."""
     rows = []
-    for name, field in EditParams.model_fields.items():
+    for name, field in EditForm.model_fields.items():
         rows.append(f"| `{name}` | {_default(field)} | {_meaning(field)} |")
     return rows
 

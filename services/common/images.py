@@ -22,6 +22,7 @@ import logging
 import re
 import struct
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -86,19 +87,125 @@ def check_image_upload(data: bytes) -> DecodedImage:
     pixels: the API's check before it accepts an upload.
 
     Format, size and pixel limit come from the header. A JPEG is then decoded at 1/8 scale
-    (libjpeg still reads all of its data, so a cut-off file fails as it would in full);
-    other formats have no reduced decode and are decoded in full and dropped at once.
+    (libjpeg still reads all of its data, so a cut-off file fails as it would in full). A
+    PNG's image data is inflated a slice at a time and checked as Pillow's decoder checks
+    it (`png_stream_accepted`), holding no pixels; only a PNG that check refuses is decoded
+    in full, for the exact reason. Other formats have no reduced decode and are decoded in
+    full and dropped at once.
     The image returned is opened but not loaded: its size, format and EXIF are there, its
     pixels are not.
     """
     with _rejections(data):
         image, fmt = _open_checked(data)
+        if fmt == "PNG" and png_stream_accepted(image, data):
+            image.close()
+            header, _ = _open_checked(data)
+            return DecodedImage(image=header, format=fmt)
         if fmt == "JPEG":
             image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
         image.load()
         image.close()
         header, _ = _open_checked(data)
     return DecodedImage(image=header, format=fmt)
+
+
+# --- PNG image data, checked without its pixels ----------------------------------------
+# Pillow's PNG decoder (libImaging/ZipDecode.c) reads the IDAT chunks that follow each
+# other, inflates them, and refuses the image where the zlib data is broken, where a row
+# starts with an unknown filter type, or where the file ends before the last row (or the
+# zlib stream's end). It does not look at chunk CRCs, at what follows the image data, nor
+# at whether the stream ends after the last row. png_stream_accepted runs those checks on
+# the inflated data a slice at a time, the pixels never being unfiltered.
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+# Adam7: each pass's first column and row, and its column and row steps.
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))  # fmt: skip
+_PNG_SLICE = 1 << 20  # inflated bytes held at once
+
+
+def _png_rows(data: bytes, width: int, height: int) -> list[tuple[int, int]] | None:
+    """The rows of the PNG's image data, as (row count, bytes per row with its filter
+    byte) per interlace pass; None where the header is not one this check knows."""
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        return None
+    depth, colour, _, _, interlace = data[24:29]
+    channels = _PNG_CHANNELS.get(colour)
+    if channels is None or depth not in (1, 2, 4, 8, 16) or interlace not in (0, 1):
+        return None
+
+    def stride(columns: int) -> int:
+        return 1 + (columns * channels * depth + 7) // 8
+
+    if interlace == 0:
+        return [(height, stride(width))]
+    passes = []
+    for x0, y0, dx, dy in _ADAM7:
+        columns = (width - x0 + dx - 1) // dx if width > x0 else 0
+        rows = (height - y0 + dy - 1) // dy if height > y0 else 0
+        if columns and rows:
+            passes.append((rows, stride(columns)))
+    return passes
+
+
+def _idat_payloads(data: bytes, start: int) -> Iterator[bytes | None]:
+    """The IDAT chunks' data from the chunk at `start` on; None where the file ends
+    inside a chunk (truncated)."""
+    pos = start
+    while True:
+        if pos + 8 > len(data):
+            yield None
+            return
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        if data[pos + 4 : pos + 8] != b"IDAT":
+            return
+        end = pos + 8 + length
+        yield data[pos + 8 : min(end, len(data))]
+        if end > len(data):
+            yield None
+            return
+        pos = end + 4  # the CRC, which Pillow does not check while decoding
+
+
+def png_stream_accepted(image: Image.Image, data: bytes) -> bool:
+    """Whether Pillow's full decode of the PNG `image` (opened from `data`) would accept
+    its image data, found without decoding a pixel: False where it would not, or where
+    this check cannot tell (then decode it to know)."""
+    rows = _png_rows(data, *image.size)
+    if rows is None or len(image.tile) != 1 or image.tile[0][0] != "zip":
+        return False
+    # Each pass's image data in bytes, and its row length: a filter byte starts each row.
+    passes = [(count * stride, stride) for count, stride in rows]
+    inflate = zlib.decompressobj()
+    done = 0  # bytes of the current pass seen
+    for payload in _idat_payloads(data, image.tile[0][2] - 8):
+        if payload is None:
+            return False  # the file ends in the middle of a chunk
+        pending, full = payload, False
+        while pending or full:  # full: a slice's worth came out, more may be waiting
+            try:
+                out = memoryview(inflate.decompress(pending, _PNG_SLICE))
+            except zlib.error:
+                return False
+            pending, full = inflate.unconsumed_tail, len(out) == _PNG_SLICE
+            while out:
+                size, stride = passes[0]
+                part = out[: size - done]
+                first = (-done) % stride
+                if first < len(part):
+                    filters = np.frombuffer(part, np.uint8)[first::stride]
+                    if filters.max() > 4:
+                        return False
+                done += len(part)
+                out = out[len(part) :]
+                if done == size:
+                    passes.pop(0)
+                    done = 0
+                    if not passes:
+                        return True  # every row is there (what follows is not read)
+            if inflate.eof:
+                return True  # Pillow's decoder stops at the stream's end, rows or not
+    return not passes
 
 
 def _open_checked(data: bytes) -> tuple[Image.Image, str]:

@@ -33,6 +33,13 @@ from services.common.job_events import (
     recent_finishes_key,
 )
 from services.common.job_lifecycle import FINISHED, LIFECYCLE, JobOperation, JobStatus
+from services.common.listing import owner_index_key, page
+from services.common.webhooks import WebhookSpec
+
+# A record outlives its retention time by this much in Redis, so that the reaper, which
+# deletes the record together with its stored images at the retention time, still finds
+# whose it was; past it, Redis drops a record the reaper never got to.
+RECORD_GRACE_S = 3600
 
 
 class Progress(BaseModel):
@@ -79,7 +86,11 @@ class JobError(BaseModel):
 class EditJob(BaseModel):
     id: str
     status: JobStatus = JobStatus.queued
+    # The API key id the job belongs to: nobody else sees it.
+    owner: str = ""
     params: EditParams
+    # Where the job's events are delivered, if anywhere (services/common/webhooks.py).
+    webhook: WebhookSpec | None = None
     progress: Progress
     input_key: str
     input_content_type: str
@@ -107,10 +118,15 @@ class EditJob(BaseModel):
         request_id: str | None = None,
         model_size: tuple[int, int] | None = None,
         with_mask: bool = False,
+        owner: str = "",
+        webhook: WebhookSpec | None = None,
+        job_id: str | None = None,
     ) -> EditJob:
-        job_id = new_job_id()
+        job_id = job_id or new_job_id()
         return cls(
             id=job_id,
+            owner=owner,
+            webhook=webhook,
             params=params,
             batch_key=batch_key(model_size, params) if model_size else "",
             progress=Progress(step=0, total=params.num_inference_steps),
@@ -128,6 +144,12 @@ def new_job_id() -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def job_prefix(job_id: str) -> str:
+    """Where everything the job stores lives: input, mask, every attempt's outputs. The id
+    is 122 random bits, so no key can be guessed."""
+    return f"edits/{job_id}/"
 
 
 def input_key(job_id: str) -> str:
@@ -156,6 +178,15 @@ class TransitionRefused(Exception):
     def __init__(self, job: EditJob) -> None:
         super().__init__(f"job {job.id} is {job.status}")
         self.job = job
+
+
+class SubmissionRefused(Exception):
+    """`create` refused a new job to keep a limit: `reason` is "queue_full" (the unfinished
+    jobs of all keys) or "too_many_unfinished" (those of the job's owner)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Claim(NamedTuple):
@@ -233,19 +264,36 @@ def _report_operation(report: ProgressReport) -> JobOperation:
     return JobOperation.report_progress if report.progress is not None else JobOperation.renew_lease
 
 
-# `create` without reading first: the record is written only where there is none (SET NX,
-# which also returns the record that stands in the way), and indexed only then. (Its event
-# stream starts with the job's first change: until then the record is the whole story.)
-#   KEYS: the record, the index of unfinished jobs; ARGV: the record, its TTL, its
-#   deadline in the index, the job's id
-# Returns 1 (created) or the record that was there.
+# `create` without reading first: the limits are checked and the record is written only
+# where there is none (SET NX, which also returns the record that stands in the way), and
+# indexed only then, all atomically, so that concurrent submissions cannot overshoot a
+# limit. (Its event stream starts with the job's first change: until then the record is
+# the whole story.)
+#   KEYS: the record, the index of unfinished jobs, the owner's jobs, the owner's
+#   unfinished jobs, the retention index, every job's owner
+#   ARGV: the record, its TTL, its deadline in the index, the job's id, its creation
+#   time, its retention time, the most unfinished jobs in all, and of the owner, and the
+#   creation time before which the owner's unfinished jobs are stale, the owner
+# Returns {1} (created), {0, the record that was there} or {2, the limit it would break}.
 _CREATE_SCRIPT = """
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[7]) then
+  return {2, 'queue_full'}
+end
+-- An unfinished job older than retention has lost its record: it no longer counts.
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[9])
+if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[8]) then
+  return {2, 'too_many_unfinished'}
+end
 local old = redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX', 'GET')
 if old then
-  return old
+  return {0, old}
 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-return 1
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[4])
+redis.call('HSET', KEYS[6], ARGV[4], ARGV[10])
+return {1}
 """
 
 
@@ -273,9 +321,16 @@ class JobStore:
         ttl_s: int,
         namespace: str = "instructedit",
         redeliver_after_s: float = 600.0,
+        max_unfinished: int = 10_000,
+        max_unfinished_per_owner: int = 10_000,
     ) -> None:
         self.redis = client
+        # Retention: a record and its stored images go this long after the job's last
+        # change (the reaper deletes both; Redis keeps the record RECORD_GRACE_S longer).
         self.ttl_s = ttl_s
+        self._record_ttl_s = ttl_s + RECORD_GRACE_S
+        self.max_unfinished = max_unfinished
+        self.max_unfinished_per_owner = max_unfinished_per_owner
         self.namespace = namespace
         self.redeliver_after_s = redeliver_after_s
         self._active = f"{namespace}:active"
@@ -286,9 +341,25 @@ class JobStore:
         # What watchers follow (job_events.py): jobs leaving the queue, recent successes.
         self._queue_events = queue_events_key(namespace)
         self._recent_finishes = recent_finishes_key(namespace)
+        # Every job by the time its record and images are to be deleted.
+        self._retention = f"{namespace}:retention"
+        # Whose each job is, beside its record: retention and deletion find the owner's
+        # indexes even when Redis already dropped the record.
+        self._owners = f"{namespace}:job-owners"
 
     def _key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
+
+    def owner_index(self, owner: str) -> str:
+        """The owner's jobs by creation time (services/common/listing.py)."""
+        return owner_index_key(self.namespace, "edits", owner)
+
+    def _owner_unfinished(self, owner: str) -> str:
+        return owner_index_key(self.namespace, "edits-unfinished", owner)
+
+    def deliveries_key(self, job_id: str) -> str:
+        """The job's webhook delivery attempts (services/common/webhook_delivery.py)."""
+        return f"{self.namespace}:job:{job_id}:webhook-deliveries"
 
     def events_key(self, job_id: str) -> str:
         """The job's event stream (job_events.py)."""
@@ -311,12 +382,32 @@ class JobStore:
         (TransitionRefused) where the id already has a record: the lifecycle allows
         `create` from no status at all (job_lifecycle.py), which SET NX enforces."""
         created = job.model_copy(update={"status": JobStatus.queued})
-        deadline = job.created_at.timestamp() + self.redeliver_after_s
-        keys = [self._key(job.id), self._active]
-        args = [created.model_dump_json(), self.ttl_s, repr(deadline), job.id]
+        at = job.created_at.timestamp()
+        keys = [
+            self._key(job.id),
+            self._active,
+            self.owner_index(job.owner),
+            self._owner_unfinished(job.owner),
+            self._retention,
+            self._owners,
+        ]
+        args = [
+            created.model_dump_json(),
+            self._record_ttl_s,
+            repr(at + self.redeliver_after_s),
+            job.id,
+            repr(at),
+            repr(at + self.ttl_s),
+            self.max_unfinished,
+            self.max_unfinished_per_owner,
+            repr(at - self._record_ttl_s),
+            job.owner,
+        ]
         reply = self._script(_CREATE_SCRIPT, keys, args)
-        if reply != 1:
-            raise TransitionRefused(EditJob.model_validate_json(reply))
+        if reply[0] == 0:
+            raise TransitionRefused(EditJob.model_validate_json(reply[1]))
+        if reply[0] == 2:
+            raise SubmissionRefused(reply[1].decode())
         return created
 
     def claim(self, job_id: str, lease: timedelta, queued_only: bool = False) -> Claim:
@@ -477,7 +568,16 @@ class JobStore:
     def expire(self, job_id: str) -> None:
         """Drop a job whose record expired (or that finished) from the index of unfinished
         jobs."""
-        self._apply(JobOperation.expire, job_id, lambda pipe, *_: pipe.zrem(self._active, job_id))
+
+        owner = self.owner_of(job_id)  # read first: the record may be gone
+
+        def write(pipe, job, _):
+            pipe.zrem(self._active, job_id)
+            who = job.owner if job is not None else owner
+            if who is not None:
+                pipe.zrem(self._owner_unfinished(who), job_id)
+
+        self._apply(JobOperation.expire, job_id, write)
 
     # -- applying an operation ---------------------------------------------------------
 
@@ -506,9 +606,13 @@ class JobStore:
         def write(pipe, job, now):
             status = target or job.status
             updated = job.model_copy(update={**changes(job, now), "status": status})
-            pipe.set(self._key(job_id), updated.model_dump_json(), ex=self.ttl_s)
+            pipe.set(self._key(job_id), updated.model_dump_json(), ex=self._record_ttl_s)
             if updated.status in FINISHED:
+                # Retention counts from the end (an unfinished job keeps the time its
+                # creation set, and its record the TTL its last write set).
+                pipe.zadd(self._retention, {job_id: now.timestamp() + self.ttl_s})
                 pipe.zrem(self._active, job_id)
+                pipe.zrem(self._owner_unfinished(job.owner), job_id)
             elif updated.lease_expires_at is not None:
                 pipe.zadd(self._active, {job_id: updated.lease_expires_at.timestamp()})
             if job.status == JobStatus.queued:
@@ -529,7 +633,7 @@ class JobStore:
             pipe.xadd(events, fields, maxlen=JOB_EVENTS_MAXLEN, approximate=True)
         if before.status == JobStatus.queued and after.status != JobStatus.queued:
             # The job's first change starts its event stream: it expires with the record.
-            pipe.expire(events, self.ttl_s)
+            pipe.expire(events, self._record_ttl_s)
             created = {"c": repr(after.created_at.timestamp())}
             pipe.xadd(self._queue_events, created, maxlen=QUEUE_EVENTS_MAXLEN, approximate=True)
         if after.status == JobStatus.succeeded and after.started_at and after.finished_at:
@@ -572,12 +676,50 @@ class JobStore:
 
     # -- indexes -----------------------------------------------------------------------
 
-    def delete(self, job_id: str) -> None:
-        """Undo `create` (the submission failed): record and index entry."""
+    def delete(self, job_id: str, owner: str | None = None, batch_key: str | None = None) -> None:
+        """Remove a job's record, event stream and every index entry: undoing `create`
+        (the submission failed), a DELETE, or retention. Its stored images are the
+        caller's business (services/common/job_cleanup.py)."""
         with self.redis.pipeline() as pipe:
             pipe.delete(self._key(job_id), self.events_key(job_id))
             pipe.zrem(self._active, job_id)
+            pipe.zrem(self._retention, job_id)
+            pipe.hdel(self._owners, job_id)
+            if owner is not None:
+                pipe.zrem(self.owner_index(owner), job_id)
+                pipe.zrem(self._owner_unfinished(owner), job_id)
+            if batch_key is not None:
+                pipe.zrem(self._pending_key(batch_key), job_id)
             pipe.execute()
+
+    def owner_of(self, job_id: str) -> str | None:
+        """Whose the job is, from the index kept beside the records (None: unknown)."""
+        raw = self.redis.hget(self._owners, job_id)
+        return raw.decode() if raw is not None else None
+
+    def retention_due(self, now: datetime, limit: int = 100) -> list[str]:
+        """Jobs whose record and images are past their retention time, oldest first."""
+        ids = self.redis.zrangebyscore(self._retention, "-inf", now.timestamp(), 0, limit)
+        return [i.decode() for i in ids]
+
+    def owned(
+        self,
+        owner: str,
+        limit: int,
+        cursor: str | None = None,
+        status: JobStatus | None = None,
+    ) -> tuple[list[EditJob], str | None]:
+        """The owner's jobs newest first (filtered by `status`), and the next page's
+        cursor (listing.page; raises listing.BadCursor)."""
+        keep = (lambda job: job.status == status) if status is not None else (lambda _: True)
+        return page(self.redis, self.owner_index(owner), self.get_many, limit, cursor, keep)
+
+    def unfinished_count(self) -> int:
+        """Unfinished jobs of all owners: what queue backpressure measures."""
+        return self.redis.zcard(self._active)
+
+    def recent_finishes(self) -> list[bytes]:
+        return self.redis.lrange(self._recent_finishes, 0, -1)
 
     def overdue(self, now: datetime, limit: int = 100) -> list[str]:
         """Unfinished jobs past their deadline, most overdue first."""

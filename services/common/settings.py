@@ -52,6 +52,20 @@ BatchBuckets = Annotated[
 WarmupBuckets = Annotated[str | None, AfterValidator(check_warmup_buckets)]
 
 
+def _parse_names(value: object) -> object:
+    """ "a, b/c" (the environment's form) as ("a", "b/c"), case kept (model ids)."""
+    if isinstance(value, str):
+        return tuple(name.strip() for name in value.split(",") if name.strip())
+    return value
+
+
+def _parse_hosts(value: object) -> object:
+    """ "a.example, b.internal" (the environment's form) as ("a.example", "b.internal")."""
+    if isinstance(value, str):
+        return tuple(host.strip().lower() for host in value.split(",") if host.strip())
+    return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INSTRUCTEDIT_", extra="ignore")
 
@@ -64,10 +78,19 @@ class Settings(BaseSettings):
     # http://minio:9000, which a client on the host cannot resolve.
     s3_public_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
-    presigned_url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    # The secret that signs output URLs of file storage (services/api/signed_urls.py);
+    # unset, the API processes share a random one kept in Redis.
+    url_signing_secret: str | None = None
+    # Output URLs are signed for each response and stop working after this.
+    presigned_url_expiry_s: int = Field(900, ge=1, le=7 * 24 * 3600)
 
     model: str = DEFAULT_EDIT_MODEL
     datagen_model: str = DEFAULT_DATAGEN_MODEL
+    # Models a dataset run may name as `model` / `clip_model` (hub ids or directories, as
+    # the loaders take them). Clients never name anything else: unset, only the server's
+    # own (null in the spec).
+    datagen_models: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_parse_names)] = ()
+    datagen_clip_models: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_parse_names)] = ()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # The model's area budget as a side length: it runs at the resolution bucket of about
     # resolution^2 pixels nearest each photo's aspect ratio (services/common/buckets.py).
@@ -122,6 +145,8 @@ class Settings(BaseSettings):
     text_embedding_cache_size: int = Field(512, ge=0)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
 
+    # Retention: a job's record and its stored images (input, mask, outputs) are deleted
+    # together this long after the job's last change (the workers' reaper removes them).
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     # Hard and soft Celery limits per edit task; the soft one ends the job as failed cleanly.
     task_soft_time_limit_s: int = Field(900, ge=1)
@@ -148,6 +173,27 @@ class Settings(BaseSettings):
     # Batches a worker task runs after its own, from the oldest pending jobs, whose inputs
     # it read while the batch before denoised (0: one batch a task).
     prefetch_batches: int = Field(4, ge=0, le=64)
+
+    # --- Who may do what (services/common/api_keys.py, services/api/auth.py) -------------
+    # "required": every /v1 request carries an API key (`keys create`). "disabled" is for
+    # local development only: every request acts as the one local caller.
+    auth: Literal["required", "disabled"] = "required"
+    # Per key: submissions (edits and dataset runs) in any moving window, in the `limits`
+    # library's notation ("60/minute", "10/second;300/hour"), and jobs not yet finished.
+    rate_limit: str = "120/minute"
+    max_unfinished_jobs_per_key: int = Field(200, ge=1)
+    # Backpressure: above this many unfinished edit jobs in all, or an estimated wait above
+    # max_queue_wait_s, submissions get 503 queue_full with Retry-After instead of waiting.
+    max_queue_depth: int = Field(10_000, ge=1)
+    max_queue_wait_s: float = Field(3600.0, gt=0)
+    # An Idempotency-Key is remembered this long with the job it created.
+    idempotency_ttl_s: int = Field(24 * 3600, ge=60)
+    # Webhooks go only to public addresses, except to these hosts (comma-separated), for
+    # receivers inside the deployment.
+    webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_parse_hosts)] = ()
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60)
+    # Retries of a failed delivery, with exponential backoff and jitter, for about this long.
+    webhook_retry_for_s: float = Field(3600.0, ge=0)
 
     # --- Input handling of the API -------------------------------------------------------
     # Uploads the API checks at once (each may decode a picture of up to MAX_PIXELS);

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -35,6 +36,11 @@ class Storage(Protocol):
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix` (a folder: it ends with "/"); returns how
+        many there were (file storage: 1 when the folder existed)."""
+        ...
+
     def list(self, prefix: str) -> list[str]: ...
     def presigned_url(self, key: str, expires_s: int) -> str | None:
         """A URL a client can GET directly, or None when the store has none (files)."""
@@ -53,6 +59,13 @@ def _os_errors(action: str, key: str) -> Iterator[None]:
         raise ObjectNotFound(key) from None
     except OSError as exc:
         raise StorageError(f"could not {action} {key!r}: {exc}") from exc
+
+
+def _check_prefix(prefix: str) -> str:
+    if not prefix.endswith("/"):
+        raise ValueError(f"a prefix to delete is a folder ending in '/': {prefix!r}")
+    _check_key(prefix[:-1])
+    return prefix
 
 
 def _check_key(key: str) -> str:
@@ -93,6 +106,14 @@ class FileStorage:
     def delete(self, key: str) -> None:
         with _os_errors("delete", key):
             self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        path = self._path(_check_prefix(prefix)[:-1])
+        with _os_errors("delete", prefix):
+            if not path.is_dir():
+                return 0
+            shutil.rmtree(path)
+            return 1
 
     def list(self, prefix: str) -> list[str]:
         if not self.root.exists():
@@ -188,6 +209,21 @@ class S3Storage:
 
     def delete(self, key: str) -> None:
         self._call(self._client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        _check_prefix(prefix)
+        keys = self.list(prefix)
+        # DeleteObjects takes up to 1,000 keys a call.
+        for start in range(0, len(keys), 1000):
+            objects = [{"Key": self._key(key)} for key in keys[start : start + 1000]]
+            reply = self._call(
+                self._client.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": objects, "Quiet": True},
+            )
+            if reply.get("Errors"):
+                raise StorageError(f"could not delete under {prefix!r}: {reply['Errors'][0]}")
+        return len(keys)
 
     def list(self, prefix: str) -> list[str]:
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix

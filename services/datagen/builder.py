@@ -23,6 +23,8 @@ from functools import lru_cache
 
 from services.common.datasets import (
     DatasetSpec,
+    RowInput,
+    RunSpec,
     export_prefix,
     pair_image_key,
     row_key,
@@ -72,14 +74,25 @@ def _synthesized(num_rows: int, seed: int) -> tuple:
     return tuple(synthesize(num_rows, seed))
 
 
-def caption_row(spec: DatasetSpec, index: int):
-    if spec.rows is not None:
-        given = spec.rows[index]
-        return CaptionRow(index=index, **given.model_dump())
+# row_at(index): a caption row of the rows a run's spec gave, as stored apart from its
+# record (RunStore.input_row).
+RowSource = Callable[[int], RowInput]
+
+
+def caption_row(spec: DatasetSpec | RunSpec, index: int, row_at: RowSource | None = None):
+    """Row ``index`` of a run: given by the spec (in it, or read with ``row_at``), or made
+    by the synthesizer."""
+    given_rows = getattr(spec, "rows", None)
+    if given_rows is not None:
+        return CaptionRow(index=index, **given_rows[index].model_dump())
+    if getattr(spec, "rows_count", None) is not None:
+        if row_at is None:
+            raise ValueError("the spec's rows are stored apart: give row_at to read them")
+        return CaptionRow(index=index, **row_at(index).model_dump())
     return _synthesized(spec.num_rows, spec.seed)[index]
 
 
-def model_name(spec: DatasetSpec, default_model: str) -> str:
+def model_name(spec: DatasetSpec | RunSpec, default_model: str) -> str:
     """The text-to-image model a run uses: its own, or the server's default."""
     return spec.model or default_model
 
@@ -88,16 +101,18 @@ class DatasetBuilder:
     def __init__(
         self,
         run_id: str,
-        spec: DatasetSpec,
+        spec: DatasetSpec | RunSpec,
         storage: Storage,
         generator=None,
         clip=None,
         *,
         model: str | None = None,
+        row_at: RowSource | None = None,
     ):
         """`generator`: a set-up PairGenerator, needed to make rows (not to export them);
         `clip`: a set-up ClipFilter when `spec.filter` is on and rows are made; `model`:
-        the model's name for the dataset card (default: the generator's)."""
+        the model's name for the dataset card (default: the generator's); `row_at`: reads
+        a given row of a run whose record keeps only their count (a RunSpec)."""
         if generator is not None and spec.filter and clip is None:
             raise ValueError("the spec asks for filtering but no CLIP filter was given")
         if generator is None and model is None:
@@ -107,6 +122,7 @@ class DatasetBuilder:
         self.storage = storage
         self.generator = generator
         self.clip = clip
+        self.row_at = row_at
         self.model = model if model is not None else generator.config.model
         self.sampling = PairSampling(
             pairs_per_row=spec.pairs_per_row,
@@ -121,7 +137,7 @@ class DatasetBuilder:
             return RowOutcome(index, manifest["generated"], len(manifest["pairs"]), True)
         if self.generator is None:
             raise RuntimeError("this DatasetBuilder has no generator: it can only export")
-        row = caption_row(self.spec, index)
+        row = caption_row(self.spec, index, self.row_at)
         params = pair_params_for_row(self.spec.seed, index, self.sampling)
         # Steps and size per call: the worker's one loaded pipeline serves every run.
         pairs = self.generator.generate_row(
@@ -240,7 +256,7 @@ def _metadata(pair: ImagePair) -> dict:
     }
 
 
-def generator_for(spec: DatasetSpec, default_model: str, device: str):
+def generator_for(spec: DatasetSpec | RunSpec, default_model: str, device: str):
     """The process-wide pair generator for a spec's model (steps and size are passed per
     row, so runs that differ only in those share it)."""
     from services.datagen.pair_pipeline import PairGeneratorConfig, get_pair_generator
@@ -250,7 +266,7 @@ def generator_for(spec: DatasetSpec, default_model: str, device: str):
     )
 
 
-def clip_filter_for(spec: DatasetSpec, device: str):
+def clip_filter_for(spec: DatasetSpec | RunSpec, device: str):
     if not spec.filter:
         return None
     from services.datagen.clip_filter import (

@@ -3,12 +3,15 @@
     celery --app services.datagen.celery_worker worker --queues datagen \
         --pool prefork --concurrency 1
 
+The API queues one planning task per (re)queued run; it enqueues the run's chunk tasks.
 A run is split into chunks of rows, one task each (short tasks: a restarted worker loses
 at most a chunk's unfinished row, and several workers share a run); the chunk that
 completes a run enqueues its export. What the tasks do is ``run_tasks``; this module gives
 them their own time limits, retries for Redis or storage outages, and a failure record:
 any exception a task ends with, and a hard time limit, mark the run failed with the error,
-so no run stays ``running`` with nothing working on it. Models load once per pool process,
+so no run stays ``running`` with nothing working on it. The error a run records names
+the exception's type at most, never its text (which may carry a server path); Celery's
+log of the failed task has the detail. Models load once per pool process,
 on first use. On a warm shutdown (SIGTERM) chunks stop after the row in progress and hand
 their remaining rows back to the queue.
 """
@@ -28,7 +31,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.serialization import UnpickleableExceptionWrapper
 
 from services.common.celery_app import create_celery_app
-from services.common.datasets import RunStore
+from services.common.datasets import DATAGEN_PLAN_TASK, RunStore
 from services.common.logging import configure_celery_logging
 from services.common.queues import DATAGEN_CHUNK_TASK, DATAGEN_EXPORT_TASK, DATAGEN_QUEUE
 from services.common.settings import get_settings
@@ -38,6 +41,8 @@ from services.datagen.run_tasks import (
     CHUNK_TIME_LIMIT_S,
     EXPORT_SOFT_TIME_LIMIT_S,
     EXPORT_TIME_LIMIT_S,
+    PLAN_SOFT_TIME_LIMIT_S,
+    PLAN_TIME_LIMIT_S,
     TRANSIENT_RETRIES,
     RunContext,
     RunFailed,
@@ -45,6 +50,7 @@ from services.datagen.run_tasks import (
     fail_run,
     generate_chunk,
     is_transient,
+    plan_run,
 )
 
 T = TypeVar("T")
@@ -55,6 +61,7 @@ settings = get_settings()
 app = create_celery_app(settings)
 app.conf.task_routes = {
     **app.conf.task_routes,
+    DATAGEN_PLAN_TASK: {"queue": DATAGEN_QUEUE},
     DATAGEN_CHUNK_TASK: {"queue": DATAGEN_QUEUE},
     DATAGEN_EXPORT_TASK: {"queue": DATAGEN_QUEUE},
 }
@@ -123,16 +130,18 @@ def _context() -> RunContext:
 
 
 def _failure(task_name: str, exc: BaseException, args) -> tuple[str, str]:
-    """The error code and message a task's exception leaves on its run."""
-    what = (
-        f"rows {args[1]}-{args[2]}"
-        if task_name == DATAGEN_CHUNK_TASK and len(args) >= 3
-        else "the export"
-    )
+    """The error code and message a task's exception leaves on its run: the exception's
+    type at most, never its text (it may name a path on this server)."""
+    if task_name == DATAGEN_CHUNK_TASK and len(args) >= 3:
+        what = f"rows {args[1]}-{args[2]}"
+    elif task_name == DATAGEN_PLAN_TASK:
+        what = "planning its tasks"
+    else:
+        what = "the export"
     if isinstance(exc, UnpickleableExceptionWrapper):
-        # How Celery hands over an exception it could not pickle: name and text survive.
+        # How Celery hands over an exception it could not pickle: its name survives.
         code = "export_failed" if task_name == DATAGEN_EXPORT_TASK else "worker_error"
-        return code, f"{what}: {exc.exc_cls_name}: {exc.text}"
+        return code, f"{what}: {exc.exc_cls_name}"
     if isinstance(exc, RunFailed):
         return exc.code, exc.message
     if isinstance(exc, TimeLimitExceeded):
@@ -141,7 +150,7 @@ def _failure(task_name: str, exc: BaseException, args) -> tuple[str, str]:
     if isinstance(exc, SoftTimeLimitExceeded):
         return "time_limit_exceeded", f"{what}: the soft time limit was exceeded"
     code = "export_failed" if task_name == DATAGEN_EXPORT_TASK else "worker_error"
-    return code, f"{what}: {type(exc).__name__}: {exc}"
+    return code, f"{what}: {type(exc).__name__}"
 
 
 class DatagenTask(Task):
@@ -182,9 +191,10 @@ def _retry(task: Task, exc: Exception) -> Exception:
     run's failure."""
     retries = task.request.retries
     if retries >= TRANSIENT_RETRIES:
+        log.error("%s: %s: %s; no retries left", task.name, type(exc).__name__, exc)
         return RunFailed(
             "service_unavailable",
-            f"{type(exc).__name__}: {exc} (still failing after {retries} retries)",
+            f"{type(exc).__name__} (still failing after {retries} retries)",
         )
     log.warning(
         "%s: %s: %s; retry %d of %d",
@@ -195,6 +205,17 @@ def _retry(task: Task, exc: Exception) -> Exception:
         TRANSIENT_RETRIES,
     )
     return task.retry(exc=exc, countdown=min(2**retries, 60), throw=False)
+
+
+@app.task(
+    bind=True,
+    base=DatagenTask,
+    name=DATAGEN_PLAN_TASK,
+    soft_time_limit=PLAN_SOFT_TIME_LIMIT_S,
+    time_limit=PLAN_TIME_LIMIT_S,
+)
+def plan_dataset_run(self, run_id: str, generation: int | None = None) -> int:
+    return self.run_retrying(lambda: plan_run(_context(), run_id, generation))
 
 
 @app.task(

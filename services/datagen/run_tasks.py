@@ -1,4 +1,5 @@
-"""What the datagen tasks do, without Celery: make a chunk of a run's rows, export a run.
+"""What the datagen tasks do, without Celery: plan a run, make a chunk of its rows,
+export it.
 
 ``celery_worker`` binds these to Celery tasks (time limits, retries, failure records);
 the tests call them directly with a real ``RunStore``, storage and broker.
@@ -13,11 +14,19 @@ stops at a row boundary when
 * the soft time limit interrupts a row anyway: the same, the interrupted row is made
   again by the new task; a row interrupted ``MAX_STALLS`` times in a row fails the run.
 
+The API queues one planning task per (re)queued run, whatever its size; the planning task
+enqueues the run's chunk tasks (those with rows still to make), recording how far it got
+so that a planning task stopped half-way (time limit, shutdown, redelivery) goes on from
+there, and stops once the run is canceled or moved to another generation.
+
 The chunk task that finds every row of the run done moves it to ``exporting`` and
 enqueues its export. The export needs no model (it copies the stored PNGs), holds a lease
 so that a redelivered export task does not run beside it, and publishes the run as
 ``succeeded`` only if the run is still exporting in its generation: a cancel during the
 export wins.
+
+Errors a run records never carry an exception's text (a model's path, a storage path):
+a fixed message, at most with the exception's type; the detail goes to the log.
 """
 
 from __future__ import annotations
@@ -33,10 +42,12 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from services.common.datasets import (
+    DATAGEN_PLAN_TASK,
     RUN_ACTIVE,
     DatasetRun,
     RunError,
     RunNotFound,
+    RunRowsMissing,
     RunStatus,
     RunStore,
     RunTransitionRefused,
@@ -53,6 +64,13 @@ log = logging.getLogger("instructedit.datagen")
 # only fires on a row that overran; the hard limit only on a task stuck past that.
 CHUNK_SOFT_TIME_LIMIT_S = 25 * 60
 CHUNK_TIME_LIMIT_S = CHUNK_SOFT_TIME_LIMIT_S + 2 * 60
+# The planning task: enqueueing a million-row run's 125,000 chunk tasks takes about a
+# minute; one stopped by its soft limit enqueues itself again and goes on.
+PLAN_SOFT_TIME_LIMIT_S = 10 * 60
+PLAN_TIME_LIMIT_S = PLAN_SOFT_TIME_LIMIT_S + 60
+# Chunk tasks the planning task sends between records of its position and checks of the
+# run (canceled? the worker shutting down?).
+PLAN_CHECK_EVERY = 200
 # A copy of the stored PNGs: ~12k pairs (the paper's dataset) take minutes, not hours.
 EXPORT_SOFT_TIME_LIMIT_S = 6 * 3600
 EXPORT_TIME_LIMIT_S = EXPORT_SOFT_TIME_LIMIT_S + 5 * 60
@@ -161,6 +179,49 @@ def _continue(
     )
 
 
+def plan_run(ctx: RunContext, run_id: str, generation: int | None = None) -> int:
+    """Enqueue the chunk tasks of a (re)queued run that have rows to make; returns how
+    many this task sent. Goes on from where an earlier planning task of the generation
+    stopped; stops when the run is no longer queued or running in ``generation``."""
+    runs = ctx.runs
+    run = runs.get(run_id)
+    if not _is_current(run, generation, (RunStatus.queued, RunStatus.running)):
+        log.info(
+            "dataset run %s: planning has nothing to do (%s)",
+            run_id,
+            f"{run.status}, generation {run.generation}" if run else "no such run",
+        )
+        return 0
+    generation = run.generation
+    position = runs.plan_position(run_id, generation)
+    sent = 0
+    try:
+        for start, stop in runs.chunks_to_enqueue(run, start=position):
+            if sent and sent % PLAN_CHECK_EVERY == 0:
+                runs.set_plan_position(run_id, generation, start)
+                current = runs.get(run_id)
+                if not _is_current(current, generation, (RunStatus.queued, RunStatus.running)):
+                    log.info("dataset run %s changed while planned; planning stops", run_id)
+                    return sent
+                if ctx.draining():
+                    log.info("worker shutting down: planning of dataset run %s requeued", run_id)
+                    ctx.send(DATAGEN_PLAN_TASK, [run_id], {"generation": generation})
+                    return sent
+            position = start
+            ctx.send(DATAGEN_CHUNK_TASK, [run_id, start, stop], {"generation": generation})
+            sent += 1
+            position = stop
+    except SoftTimeLimitExceeded:
+        # The chunk being sent may go twice: harmless, its rows are made once.
+        runs.set_plan_position(run_id, generation, position)
+        log.warning("planning of dataset run %s continues in a new task", run_id)
+        ctx.send(DATAGEN_PLAN_TASK, [run_id], {"generation": generation})
+        return sent
+    runs.set_plan_position(run_id, generation, run.spec.total_rows)
+    log.info("dataset run %s: %d chunk task(s) enqueued", run_id, sent)
+    return sent
+
+
 def _builder(ctx: RunContext, run: DatasetRun) -> DatasetBuilder:
     try:
         generator = generator_for(run.spec, ctx.default_model, ctx.device)
@@ -168,8 +229,18 @@ def _builder(ctx: RunContext, run: DatasetRun) -> DatasetBuilder:
     except Exception as exc:
         if _soft_limit_hit(exc):
             raise SoftTimeLimitExceeded() from exc
-        raise RunFailed("model_unavailable", f"{type(exc).__name__}: {exc}") from exc
-    return DatasetBuilder(run.id, run.spec, ctx.storage, generator, clip)
+        # The exception may name the model's path on this server: the log has it, the
+        # run's record a fixed message.
+        log.exception("dataset run %s: its model could not be loaded", run.id)
+        raise RunFailed("model_unavailable", "the run's model could not be loaded") from exc
+    return DatasetBuilder(
+        run.id,
+        run.spec,
+        ctx.storage,
+        generator,
+        clip,
+        row_at=lambda index: ctx.runs.input_row(run.id, index),
+    )
 
 
 def _start(ctx: RunContext, run: DatasetRun) -> DatasetRun:
@@ -310,6 +381,12 @@ def _make_rows(ctx: RunContext, chunk: _Chunk, soft_limit_s: float | None) -> No
         row_started = time.monotonic()
         try:
             outcome = builder.process_row(index)
+        except RunRowsMissing as exc:
+            log.error("dataset run %s: %s", run_id, exc)
+            raise RunFailed(
+                "rows_missing",
+                f"row {index}: the run's caption rows are no longer stored; post its spec again",
+            ) from exc
         except Exception as exc:
             if _soft_limit_hit(exc):
                 raise SoftTimeLimitExceeded() from exc
@@ -317,7 +394,7 @@ def _make_rows(ctx: RunContext, chunk: _Chunk, soft_limit_s: float | None) -> No
                 raise
             log.exception("row %d of dataset run %s failed", index, run_id)
             raise RunFailed(
-                "generation_failed", f"row {index}: {type(exc).__name__}: {exc}"
+                "generation_failed", f"row {index} could not be made ({type(exc).__name__})"
             ) from exc
         runs.row_done(run_id, index, outcome.generated, outcome.kept)
         chunk.done += 1
@@ -404,7 +481,7 @@ def export_run(ctx: RunContext, run_id: str, generation: int | None = None) -> b
             if _soft_limit_hit(exc) or is_transient(exc):
                 raise
             log.exception("export of dataset run %s failed", run_id)
-            raise RunFailed("export_failed", f"{type(exc).__name__}: {exc}") from exc
+            raise RunFailed("export_failed", f"the export failed ({type(exc).__name__})") from exc
         try:
             runs.transition(
                 run_id,

@@ -6,6 +6,12 @@
 One pool process per GPU. The parent resolves (downloads) the model and never touches
 CUDA; each pool child loads the engine once in `worker_process_init`, warms it up, and
 keeps it for every task it runs. A child that dies is replaced by a fresh one.
+
+A child that dies while it holds jobs (SIGKILL, the OOM killer) cannot give them back.
+Each child records which jobs it holds in Redis (edit_job.HeldJobs, listed under its
+parent); when the parent is about to start the replacement it lets the leases of the dead
+child's jobs lapse and sends them to the queue again, so that they run again at once
+instead of a whole lease later.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from services.common.logging import configure_celery_logging
 from services.common.queues import EDIT_TASK, enqueue_edit
 from services.common.settings import get_settings
 from services.common.storage import open_storage
+from services.common.webhook_notify import WebhookNotifier
 from services.common.workers import EngineStatus, WorkerRegistry
-from services.gpu_worker.edit_job import Deferred, EditRunner
+from services.gpu_worker.edit_job import Deferred, EditRunner, HeldJobs, lapse_lease
 from services.gpu_worker.engine import EditEngine, EngineOptions
 from services.gpu_worker.families import NO_MODEL_HINT, family_for_model
 from services.gpu_worker.metrics import MetricsObserver, start_metrics_server
@@ -71,7 +78,92 @@ def _resolve_model_in_parent(**_) -> None:
 
 @signals.worker_process_init.connect
 def _load_engine_in_child(**_) -> None:
-    _setup_process()
+    _setup_process(pool_child=True)
+
+
+# -- the jobs of a pool child that died ------------------------------------------------
+
+
+def children_key(parent_pid: int, namespace: str = "instructedit") -> str:
+    """The set of the pool children (pids) of worker parent `parent_pid` on this host."""
+    return f"{namespace}:worker-children:{socket.gethostname()}:{parent_pid}"
+
+
+def held_jobs_key(parent_pid: int, pid: int, namespace: str = "instructedit") -> str:
+    """Where pool child `pid` of `parent_pid` records the jobs it holds (HeldJobs)."""
+    return f"{namespace}:worker-child:{socket.gethostname()}:{parent_pid}:{pid}"
+
+
+def _register_child(client: redis.Redis, jobs: JobStore) -> HeldJobs:
+    """This pool child's record of held jobs, listed in its parent's set of children."""
+    parent, pid = os.getppid(), os.getpid()
+    held = HeldJobs(client, held_jobs_key(parent, pid, jobs.namespace), settings.job_ttl_s)
+    children = children_key(parent, jobs.namespace)
+    with client.pipeline() as pipe:
+        pipe.delete(held.key)  # a former process with this pid left nothing to hold
+        pipe.sadd(children, pid)
+        pipe.expire(children, settings.job_ttl_s)
+        pipe.execute()
+    return held
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # The state follows the command name in parentheses; Z: dead, not yet reaped.
+            return stat.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_dead_children(
+    client: redis.Redis, jobs: JobStore, reaper: JobReaper, parent_pid: int
+) -> list[str]:
+    """For every pool child of `parent_pid` that is gone: let the leases of the jobs it
+    held lapse now and send them to the queue again. Returns the jobs sent."""
+    key = children_key(parent_pid, jobs.namespace)
+    released: list[str] = []
+    for raw in client.smembers(key):
+        pid = int(raw)
+        if _process_alive(pid):
+            continue
+        held = HeldJobs(client, held_jobs_key(parent_pid, pid, jobs.namespace), settings.job_ttl_s)
+        for job_id, owner in held.held().items():
+            if not lapse_lease(jobs, job_id, owner):
+                continue  # ended, canceled or taken over meanwhile
+            log.warning("pool process %d died holding job %s; running it again now", pid, job_id)
+            reaper.resend(job_id)
+            released.append(job_id)
+        held.clear()
+        client.srem(key, pid)
+    return released
+
+
+@signals.worker_before_create_process.connect
+def _release_jobs_of_dead_children(**_) -> None:
+    """In the parent, before it starts a pool child: the first ones, and the replacement
+    of one that died (the pool has already reaped it)."""
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        jobs = JobStore(
+            client, settings.job_ttl_s, redeliver_after_s=settings.job_redeliver_after_s
+        )
+        reaper = JobReaper(jobs, partial(enqueue_edit, app), settings.job_redeliver_after_s)
+        release_dead_children(client, jobs, reaper, os.getpid())
+    except Exception:
+        # Their leases lapse on their own, and the reaper sends them again then.
+        log.exception("could not release the jobs of a dead pool process")
+    finally:
+        client.close()
 
 
 def child_device(requested: str) -> str:
@@ -87,12 +179,16 @@ def child_device(requested: str) -> str:
     return f"cuda:{index % torch.cuda.device_count()}"
 
 
-def _setup_process() -> None:
+def _setup_process(pool_child: bool = False) -> None:
     client = redis.Redis.from_url(settings.redis_url)
     jobs = JobStore(client, settings.job_ttl_s, redeliver_after_s=settings.job_redeliver_after_s)
+    held = _register_child(client, jobs) if pool_child else None
     # In every pool process, not the parent: the parent forks replacements, and a thread
     # there could hold a lock at the fork. A lock in Redis keeps it to one sweep a round.
-    reaper = JobReaper(jobs, partial(enqueue_edit, app), settings.job_redeliver_after_s)
+    storage = open_storage(settings)
+    reaper = JobReaper(
+        jobs, partial(enqueue_edit, app), settings.job_redeliver_after_s, storage=storage
+    )
     reaper.keep_sweeping(settings.reaper_interval_s)
     model_path = state.model_path or str(resolve_pipeline_dir(settings.model, NO_MODEL_HINT))
     engine: EditEngine | None = EditEngine(
@@ -115,12 +211,14 @@ def _setup_process() -> None:
         )
         log.info("edit engine ready: %s", info)
     except Exception as exc:
+        # The reason, with the model's path, goes to the log; jobs tell the client only
+        # what kind of failure it was (their messages never name server paths).
         log.exception("loading the model from %s failed", model_path)
-        engine, engine_error = None, f"the worker could not load the model: {exc}"
+        engine, engine_error = None, f"the worker could not load it ({type(exc).__name__})"
     state.runner = EditRunner(
         engine,
         jobs,
-        open_storage(settings),
+        storage,
         max_batch=settings.max_batch,
         batch_window_ms=settings.batch_window_ms,
         lease_s=settings.job_lease_s,
@@ -129,6 +227,8 @@ def _setup_process() -> None:
         io_threads=settings.io_threads,
         prefetch_batches=settings.prefetch_batches,
         max_task_s=settings.task_soft_time_limit_s,
+        held=held,
+        notify=WebhookNotifier(app),
     )
 
 

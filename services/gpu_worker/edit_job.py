@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
@@ -59,6 +61,7 @@ from services.common.jobs import (
 )
 from services.common.logging import bind_request_id
 from services.common.storage import ObjectNotFound, Storage, StorageError
+from services.common.webhooks import WebhookEvent
 from services.gpu_worker.engine import EditEngine, EditRequest, is_out_of_memory
 from services.gpu_worker.full_resolution import OutputShaper
 from services.gpu_worker.progress import (
@@ -68,7 +71,15 @@ from services.gpu_worker.progress import (
     ProgressPublisher,
 )
 
-__all__ = ["ClaimLost", "Deferred", "EditRunner", "JobCanceled", "JobFailure"]
+__all__ = [
+    "ClaimLost",
+    "Deferred",
+    "EditRunner",
+    "HeldJobs",
+    "JobCanceled",
+    "JobFailure",
+    "lapse_lease",
+]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +131,64 @@ class _Prefetch:
 
 # Unclaimed jobs whose inputs were read ahead, with their images.
 Prefetched = list[tuple[EditJob, _Inputs]]
+# Queue a job's webhook event (job, event, what makes it unique: a step, a claim).
+Notify = Callable[[EditJob, WebhookEvent, str], None]
+
+
+class HeldJobs:
+    """The jobs one worker process holds, in Redis: a hash of job id -> claim owner token.
+
+    A pool child that dies (SIGKILL, the kernel's OOM killer) renews its leases no more,
+    and its jobs would wait a whole lease before anyone may take them over. Its parent,
+    which sees it die at once, reads this record and lets those leases lapse
+    (`lapse_lease`), so that they run again right away. Kept up as jobs are claimed and
+    cleared when the task that claimed them ends; it expires on its own after `ttl_s`.
+    """
+
+    def __init__(self, client: redis.Redis, key: str, ttl_s: int) -> None:
+        self.redis = client
+        self.key = key
+        self.ttl_s = ttl_s
+
+    def add(self, job: EditJob) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.key, job.id, job.lease_owner or "")
+            pipe.expire(self.key, self.ttl_s)
+            pipe.execute()
+
+    def remove(self, *job_ids: str) -> None:
+        if job_ids:
+            self.redis.hdel(self.key, *job_ids)
+
+    def held(self) -> dict[str, str]:
+        """Job id -> owner token of every job recorded as held."""
+        return {k.decode(): v.decode() for k, v in self.redis.hgetall(self.key).items()}
+
+    def clear(self) -> None:
+        self.redis.delete(self.key)
+
+
+def lapse_lease(jobs: JobStore, job_id: str, owner: str) -> bool:
+    """End the lease of the claim `owner` holds on `job_id` now (its worker is known to be
+    dead), so that the job may be taken over at once. False where that claim no longer
+    holds (the job finished, was canceled or was taken over meanwhile).
+
+    Uses JobStore.expire_lease(job_id, owner) where JobStore has it; otherwise the claim's
+    own lease renewal, to a lease that ends now: the lifecycle's renew_lease guard
+    (holds_claim) makes it apply only while that very claim holds, compare-and-set.
+    """
+    expire = getattr(jobs, "expire_lease", None)
+    try:
+        if expire is not None:
+            expire(job_id, owner)
+            return True
+        job = jobs.get(job_id)
+        if job.status != JobStatus.running or job.lease_owner != owner:
+            return False
+        jobs.renew_lease(job, timedelta(0))
+        return True
+    except (TransitionRefused, JobNotFound):
+        return False
 
 
 class EditRunner:
@@ -137,8 +206,16 @@ class EditRunner:
         prefetch_batches: int = 0,
         max_task_s: float | None = None,
         progress_interval_s: float = PROGRESS_INTERVAL_S,
+        held: HeldJobs | None = None,
+        notify: Notify | None = None,
     ) -> None:
         self.engine = engine
+        # Queues the jobs' webhook deliveries (services/common/webhook_notify.py).
+        self.notify: Notify = notify or (lambda job, event, detail="": None)
+        # Where this process records the jobs it holds, for its parent to release them at
+        # once if it dies (None: nowhere; they wait for their leases to lapse).
+        self.held = held
+        self._held_ids: set[str] = set()
         self.jobs = jobs
         self.storage = storage
         self.max_batch = max_batch
@@ -181,17 +258,43 @@ class EditRunner:
                 return Deferred(max(wait, 0.0) + 0.5)
             log.info("job %s is %s; not running it", job_id, held.status)
             return None
-        with bind_request_id(job.request_id, job.id), self._holding() as publisher:
-            publisher.hold(job)
-            batch = [job, *self._gather(job)]
-            return self._run_batches(batch, prefetch=True)
+        try:
+            with bind_request_id(job.request_id, job.id), self._holding() as publisher:
+                publisher.hold(job)
+                batch = [job, *self._gather(job)]
+                return self._run_batches(batch, prefetch=True)
+        finally:
+            self._forget_held()
 
     def run(self, batch: list[EditJob]) -> dict[str, JobStatus | None]:
         """Run claimed jobs; every one of them ends here, whatever goes wrong."""
-        with self._holding() as publisher:
-            for job in batch:
-                publisher.hold(job)
-            return self._run_batches(batch, prefetch=False)
+        try:
+            with self._holding() as publisher:
+                for job in batch:
+                    publisher.hold(job)
+                    self._record_held(job)
+                return self._run_batches(batch, prefetch=False)
+        finally:
+            self._forget_held()
+
+    def _record_held(self, job: EditJob) -> None:
+        if self.held is None:
+            return
+        self._held_ids.add(job.id)
+        try:
+            self.held.add(job)
+        except redis.RedisError as exc:  # only a faster takeover is lost
+            log.warning("could not record holding job %s: %s", job.id, exc)
+
+    def _forget_held(self) -> None:
+        """The task is over: every job it claimed has ended, or is another's."""
+        if self.held is None or not self._held_ids:
+            return
+        ids, self._held_ids = self._held_ids, set()
+        try:
+            self.held.remove(*ids)
+        except redis.RedisError as exc:
+            log.warning("could not clear the record of held jobs: %s", exc)
 
     @contextlib.contextmanager
     def _holding(self) -> Iterator[ProgressPublisher]:
@@ -210,10 +313,12 @@ class EditRunner:
 
     def _claim(self, job_id: str, queued_only: bool = False) -> EditJob:
         claim = self.jobs.claim(job_id, self.lease, queued_only=queued_only)
+        self._record_held(claim.job)
         if self._publisher is not None:
             self._publisher.hold(claim.job)
         if self.observer and not claim.took_over:
             self.observer.job_started(claim.job)
+        self.notify(claim.job, WebhookEvent.start, claim.job.lease_owner or "")
         return claim.job
 
     def _gather(self, first: EditJob) -> list[EditJob]:
@@ -347,7 +452,9 @@ class EditRunner:
         except ObjectNotFound:
             raise JobFailure(JobErrorCode.input_missing, key) from None
         except StorageError as exc:
-            raise JobFailure(JobErrorCode.storage_error, f"could not read {what}: {exc}") from None
+            # The storage's own words (paths, hosts, buckets) stay in the log.
+            log.warning("could not read %s (%s): %s", what, key, exc)
+            raise JobFailure(JobErrorCode.storage_error, f"could not read {what}") from None
 
     def _step_callback(self, job: EditJob):
         """The job's `on_step`: no Redis (the publisher's in-memory progress and flags);
@@ -356,6 +463,8 @@ class EditRunner:
 
         def on_step(step: int, total: int) -> None:
             report(step, total)  # raises JobCanceled or ClaimLost: the job leaves the batch
+            if job.webhook is not None:
+                self.notify(job, WebhookEvent.progress, str(step))
             if 2 * step >= total and (ahead := self._prefetch) is not None:
                 ahead.go.set()
 
@@ -536,6 +645,7 @@ class EditRunner:
         if isinstance(outcome, BaseException):
             if is_out_of_memory(outcome):
                 return self._fail(job, JobError.of(JobErrorCode.out_of_memory))
+            log.error("job %s failed", job.id, exc_info=outcome)
             return self._fail(job, _internal_error(outcome))
         # Every output made and stored at once; the job succeeds only once all are stored.
         extension = OUTPUT_FORMATS[job.params.output_format].extension
@@ -548,13 +658,17 @@ class EditRunner:
             self._io.submit(self._store, item, shape, image, key)
             for image, key in zip(outcome, keys, strict=True)
         ]
-        storage_error: StorageError | None = None
+        storage_error: str | None = None
         unforeseen: BaseException | None = None
-        for future in futures:
+        for index, future in enumerate(futures):
             try:
                 future.result()
             except StorageError as exc:
-                storage_error = storage_error or exc
+                where = f"output {index + 1} of job {job.id} ({keys[index]})"
+                log.warning("could not store %s: %s", where, exc)
+                storage_error = (
+                    storage_error or f"could not store output {index + 1} of {len(keys)}"
+                )
             except Exception as exc:
                 unforeseen = unforeseen or exc
         if unforeseen is not None:
@@ -562,10 +676,7 @@ class EditRunner:
             raise unforeseen
         if storage_error is not None:
             self._discard(keys)
-            error = JobError.of(
-                JobErrorCode.storage_error, f"could not store the outputs: {storage_error}"
-            )
-            return self._fail(job, error)
+            return self._fail(job, JobError.of(JobErrorCode.storage_error, storage_error))
         self._release(job)
         try:
             done = self.jobs.succeed(job, keys)
@@ -579,6 +690,7 @@ class EditRunner:
             log.warning("job %s was taken over by another worker; dropped its outputs", job.id)
             return None
         log.info("job %s succeeded (batch engine time %.2fs)", job.id, engine_s)
+        self.notify(done, WebhookEvent.completed)
         if self.observer:
             self.observer.job_finished(done, engine_s)
         return JobStatus.succeeded
@@ -602,12 +714,15 @@ class EditRunner:
 
     def _fail(self, job: EditJob, error: JobError) -> JobStatus | None:
         self._release(job)
+        # What the client reads: never a server path or URL, whoever built the detail.
+        error = public_error(error)
         with bind_request_id(job.request_id, job.id):
             log.warning("job %s failed: %s: %s", job.id, error.code, error.message)
         try:
             failed = self.jobs.fail(job, error)
         except (TransitionRefused, JobNotFound):
             return None
+        self.notify(failed, WebhookEvent.completed)
         if self.observer:
             self.observer.job_finished(failed, 0.0)
         return JobStatus.failed
@@ -623,7 +738,26 @@ def _resized(image: Image.Image, size: tuple[int, int], resample) -> Image.Image
 
 
 def _internal_error(exc: BaseException) -> JobError:
-    return JobError.of(JobErrorCode.internal_error, f"{type(exc).__name__}: {exc}")
+    """The client learns the kind of error; its text (which may name files, hosts or
+    settings) is in the log, where every caller has written it with its traceback."""
+    return JobError.of(JobErrorCode.internal_error, type(exc).__name__)
+
+
+# Absolute paths (POSIX, and Windows drive paths) and URLs, in a detail that should have
+# named none: a last guard, not the way details are made.
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://\S*")
+_PATH = re.compile(r"(?<![\w.~/-])(?:[A-Za-z]:)?[/\\][^\s:;,'\"()\[\]]+")
+
+
+def redact(text: str) -> str:
+    """`text` with URLs and absolute paths replaced by placeholders."""
+    return _PATH.sub("<path>", _URL.sub("<url>", text))
+
+
+def public_error(error: JobError) -> JobError:
+    """`error` as a job may show it to the client: its message redacted (see redact)."""
+    message = redact(error.message)
+    return error if message == error.message else error.model_copy(update={"message": message})
 
 
 def _release_gpu_memory() -> None:

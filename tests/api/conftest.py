@@ -3,6 +3,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from services.api.main import create_app
+from services.common.api_keys import KeyStore
 from services.common.settings import Settings
 from services.common.storage import FileStorage
 
@@ -16,10 +17,24 @@ def settings(redis_url, tmp_path) -> Settings:
     )
 
 
+def keyed_client(app) -> TestClient:
+    """A TestClient of `app` that sends a new API key with every request."""
+    client = TestClient(app)
+    key = create_key(app, "tests")
+    client.headers["Authorization"] = f"Bearer {key.key}"
+    client.key_id = key.id  # the owner of what this client creates
+    return client
+
+
+def create_key(app, name: str):
+    return KeyStore(app.state.redis).create(name)
+
+
 @pytest.fixture
 def client(settings):
-    """The ASGI app over httpx, with a real Redis and no worker consuming the queue."""
-    with TestClient(create_app(settings)) as c:
+    """The ASGI app over httpx, with a real Redis and no worker consuming the queue; every
+    request carries an API key of its own."""
+    with keyed_client(create_app(settings)) as c:
         yield c
 
 

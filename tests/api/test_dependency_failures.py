@@ -16,6 +16,7 @@ from services.api.main import create_app
 from services.common.edit_params import EditParams
 from services.common.jobs import EditJob, JobStatus, JobStore
 from services.common.storage import StorageError
+from tests.api.conftest import keyed_client
 from tests.api.test_edits import submit
 from tests.stack import free_port
 
@@ -34,6 +35,8 @@ def assert_503(response, code: str) -> None:
 def redis_down(settings):
     broken = settings.model_copy(update={"redis_url": DEAD_REDIS.format(port=free_port())})
     with TestClient(create_app(broken)) as client:
+        # Shaped like a key: checking it is what needs Redis first.
+        client.headers["Authorization"] = "Bearer ie_0123456789ab_secret"
         yield client
 
 
@@ -127,8 +130,8 @@ def test_job_a_worker_took_although_publishing_failed_is_accepted(client):
     assert store.get(job["id"]).status == JobStatus.running
 
 
-def succeeded_job(jobs: JobStore) -> str:
-    job = EditJob.new(EditParams(prompt="make it red"), "image/png", None, (64, 48))
+def succeeded_job(jobs: JobStore, owner: str) -> str:
+    job = EditJob.new(EditParams(prompt="make it red"), "image/png", None, (64, 48), owner=owner)
     jobs.create(job)
     key = f"edits/{job.id}/a/output_0.png"
     jobs.succeed(jobs.claim(job.id, timedelta(seconds=60)).job, [key])
@@ -136,7 +139,7 @@ def succeeded_job(jobs: JobStore) -> str:
 
 
 def test_succeeded_job_with_storage_down_is_503(client):
-    job_id = succeeded_job(client.app.state.jobs)
+    job_id = succeeded_job(client.app.state.jobs, client.key_id)
     client.app.dependency_overrides[get_storage] = StorageDown
     assert_503(client.get(f"/v1/edits/{job_id}"), "storage_unavailable")
     assert_503(client.get(f"/v1/edits/{job_id}/outputs/0"), "storage_unavailable")
@@ -153,7 +156,7 @@ class EndpointDown:
 
 
 def test_botocore_errors_are_503_too(client):
-    job_id = succeeded_job(client.app.state.jobs)
+    job_id = succeeded_job(client.app.state.jobs, client.key_id)
     client.app.dependency_overrides[get_storage] = EndpointDown
     assert_503(client.get(f"/v1/edits/{job_id}"), "storage_unavailable")
     assert_503(client.get(f"/v1/edits/{job_id}/outputs/0"), "storage_unavailable")
@@ -181,8 +184,8 @@ def test_s3_output_urls_that_cannot_be_presigned_are_503(settings, monkeypatch, 
             "s3_endpoint_url": f"http://127.0.0.1:{free_port()}",
         }
     )
-    with TestClient(create_app(s3)) as client:
-        job_id = succeeded_job(client.app.state.jobs)
+    with keyed_client(create_app(s3)) as client:
+        job_id = succeeded_job(client.app.state.jobs, client.key_id)
         assert_503(client.get(f"/v1/edits/{job_id}"), "storage_unavailable")
         assert_503(client.get(f"/v1/edits/{job_id}/outputs/0"), "storage_unavailable")
 
@@ -195,6 +198,7 @@ class Broken:
 def test_unexpected_errors_are_json_500_too(client):
     client.app.dependency_overrides[get_job_store] = Broken
     with TestClient(client.app, raise_server_exceptions=False) as plain:
+        plain.headers.update(client.headers)
         response = plain.get("/v1/edits/abc")
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "internal_error"

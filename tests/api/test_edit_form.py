@@ -1,7 +1,7 @@
 """The submit form, its OpenAPI schema and /docs derive from EditParams."""
 
 from services.api.main import create_app
-from services.common.edit_params import EditParams
+from services.common.edit_params import EditForm, EditParams
 from services.common.settings import Settings
 
 
@@ -25,7 +25,7 @@ def form_schema() -> tuple[dict, dict]:
 
 def test_every_parameter_is_a_documented_form_field():
     properties, required = form_schema()
-    assert set(properties) == {"image", "mask", *EditParams.model_fields}
+    assert set(properties) == {"image", "mask", *EditForm.model_fields}
     assert required == {"image", "prompt"}
     for name, field in EditParams.model_fields.items():
         prop = properties[name]

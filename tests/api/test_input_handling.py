@@ -18,6 +18,7 @@ from services.api import uploads
 from services.api.main import create_app
 from services.common.settings import get_settings
 from services.common.storage import PROBE_PREFIX
+from tests.api.conftest import keyed_client
 from tests.api.test_edits import PNG, submit
 from tests.common.test_images import photo_like
 
@@ -32,7 +33,7 @@ def jpeg(image: Image.Image, **save) -> bytes:
 def roomy_client(settings):
     """A client whose upload limit takes a 7000x7000 JPEG."""
     roomy = settings.model_copy(update={"max_upload_bytes": 2_000_000})
-    with TestClient(create_app(roomy)) as client:
+    with keyed_client(create_app(roomy)) as client:
         yield client
 
 
@@ -170,12 +171,14 @@ def test_output_urls_ignore_the_host_header(client):
     job_id = succeeded_job(client)
     job = client.get(f"/v1/edits/{job_id}", headers={"host": "evil.example"}).json()
     # Unset, the base is where `make run` serves; the client's Host is never used.
-    assert job["outputs"][0]["url"] == f"http://127.0.0.1:8000/v1/edits/{job_id}/outputs/0"
+    url = job["outputs"][0]["url"]
+    assert url.startswith(f"http://127.0.0.1:8000/v1/edits/{job_id}/outputs/0?expires=")
 
 
 def test_output_urls_use_the_configured_base(settings):
     public = settings.model_copy(update={"public_base_url": "https://edit.example.com/api/"})
-    with TestClient(create_app(public)) as client:
+    with keyed_client(create_app(public)) as client:
         job_id = succeeded_job(client)
         job = client.get(f"/v1/edits/{job_id}", headers={"host": "evil.example"}).json()
-    assert job["outputs"][0]["url"] == (f"https://edit.example.com/api/v1/edits/{job_id}/outputs/0")
+    url = job["outputs"][0]["url"]
+    assert url.startswith(f"https://edit.example.com/api/v1/edits/{job_id}/outputs/0?expires=")

@@ -102,7 +102,9 @@ def test_several_uvicorn_workers_report_their_sum(redis_url, tmp_path):
     """PROMETHEUS_MULTIPROC_DIR: whichever process answers /metrics counts every request."""
     metrics_dir = tmp_path / "prom"
     metrics_dir.mkdir()
-    env = service_env(redis_url=redis_url, storage_url=f"file://{tmp_path}/storage")
+    env = service_env(
+        redis_url=redis_url, storage_url=f"file://{tmp_path}/storage", auth="disabled"
+    )
     env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     port = free_port()
     argv = [str(BIN / "uvicorn"), "services.api.main:app", "--port", str(port)]

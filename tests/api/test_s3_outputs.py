@@ -7,7 +7,6 @@ import uuid
 import boto3
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
@@ -16,6 +15,7 @@ from services.common.settings import Settings
 from services.common.storage import open_storage
 from services.gpu_worker.edit_job import EditRunner
 from services.gpu_worker.engine import EditEngine, EngineOptions
+from tests.api.conftest import keyed_client
 from tests.conftest import image_bytes
 from tests.stack import free_port
 
@@ -43,7 +43,7 @@ def s3_settings(redis_url, monkeypatch):
 
 
 def test_outputs_are_presigned_urls_that_download(s3_settings, tiny_model_dir):
-    with TestClient(create_app(s3_settings)) as client:
+    with keyed_client(create_app(s3_settings)) as client:
         response = client.post(
             "/v1/edits",
             files={"image": ("a.png", image_bytes((64, 48)), "image/png")},

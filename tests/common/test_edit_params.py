@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from services.common.edit_params import (
     BATCH_FIELDS,
+    EditForm,
     EditParams,
     batch_key,
     markdown_rows,
@@ -29,7 +30,7 @@ def readme_parameter_rows() -> dict[str, str]:
 
 def test_the_readme_table_is_the_declaration():
     rows = readme_parameter_rows()
-    assert set(rows) == {"image", "mask", *EditParams.model_fields}
+    assert set(rows) == {"image", "mask", *EditForm.model_fields}
     expected = {row.split("`")[1]: row for row in markdown_rows()}
     for name, row in expected.items():
         assert rows[name] == row, (

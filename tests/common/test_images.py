@@ -1,6 +1,10 @@
 import io
 import logging
+import random
 import struct
+import subprocess
+import sys
+import tracemalloc
 import warnings
 import zlib
 from enum import StrEnum
@@ -876,3 +880,99 @@ def test_jpeg_ends_are_checked_on_the_first_picture_only():
     # An MPO whose first picture is cut is corrupt even though more data follows.
     first_end = mpo_bytes().index(b"\xff\xd9")
     assert images.jpeg_incomplete_reason(mpo_bytes()[: first_end - 100]) is not None
+
+
+# --- The API's check of a PNG: its image data inflated a slice at a time -----------------
+
+
+def adam7_png(pixels: np.ndarray, filter_type: int = 0) -> bytes:
+    """An interlaced (Adam7) RGB PNG, which Pillow cannot write."""
+    height, width, _ = pixels.shape
+    raw = b""
+    for x0, y0, dx, dy in images._ADAM7:
+        for row in pixels[y0::dy, x0::dx]:
+            raw += bytes([filter_type]) + row.tobytes()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 1)
+    idat = chunk(b"IDAT", zlib.compress(raw))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
+
+
+def test_upload_check_of_a_large_png_holds_no_pixels(decoded_sizes, tmp_path):
+    size = (7000, 7000)
+    data = encode(Image.new("RGB", size, (120, 130, 140)), "PNG", compress_level=1)
+    tracemalloc.start()
+    try:
+        checked = images.check_image_upload(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert checked.image.size == size and checked.content_type == "image/png"
+    assert decoded_sizes == []  # Pillow decoded nothing
+    assert peak < 16 * 2**20, peak  # slices of the inflated data, not 147 MB of pixels
+    # The process as a whole (Pillow's own buffers included) grows by far less than one
+    # full-size picture.
+    path = tmp_path / "big.png"
+    path.write_bytes(data)
+    script = (
+        "import resource, sys\n"
+        "from services.common.images import check_image_upload\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "check_image_upload(data)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    grown_kib = int(subprocess.check_output([sys.executable, "-c", script, str(path)]))
+    assert grown_kib * 1024 < size[0] * size[1] * 3 // 8, grown_kib
+
+
+def test_upload_check_of_a_large_png_still_refuses_a_cut_off_file(decoded_sizes):
+    data = encode(Image.new("RGB", (7000, 7000), (120, 130, 140)), "PNG", compress_level=1)
+    with pytest.raises(ImageRejected) as info:
+        images.check_image_upload(data[: len(data) // 2])
+    assert info.value.code == "corrupt_image"
+
+
+def test_upload_check_reads_interlaced_pngs():
+    pixels = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    data = adam7_png(pixels)
+    opened = Image.open(io.BytesIO(data))
+    assert images.png_stream_accepted(opened, data)
+    assert images.check_image_upload(data).image.size == (53, 37)
+    assert (np.asarray(decode_image(data).image) == pixels).all()
+    with pytest.raises(ImageRejected) as info:
+        images.check_image_upload(adam7_png(pixels, filter_type=9))
+    assert info.value.code == "corrupt_image"
+
+
+def _verdict(check, data: bytes) -> str:
+    try:
+        check(data)
+    except ImageRejected as exc:
+        return exc.code
+    return "accepted"
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "1", "I;16", "adam7"])
+def test_upload_check_of_damaged_pngs_agrees_with_the_full_decode(mode):
+    pixels = np.random.default_rng(1).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    if mode == "adam7":
+        data = adam7_png(pixels)
+    else:
+        data = encode(Image.fromarray(pixels).convert(mode), "PNG")
+    assert images.png_stream_accepted(Image.open(io.BytesIO(data)), data)
+    rng = random.Random(mode)
+    for _ in range(150):
+        damaged = bytearray(data)
+        if rng.random() < 0.4:
+            damaged = damaged[: rng.randrange(30, len(damaged))]
+        else:
+            for _ in range(rng.randint(1, 3)):
+                damaged[rng.randrange(33, len(damaged))] = rng.randrange(256)
+        damaged = bytes(damaged)
+        assert _verdict(images.check_image_upload, damaged) == _verdict(decode_image, damaged)

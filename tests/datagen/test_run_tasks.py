@@ -16,6 +16,7 @@ import redis
 
 from services.common.celery_app import create_celery_app
 from services.common.datasets import (
+    DATAGEN_PLAN_TASK,
     RUN_ACTIVE,
     STALE_RUN_AFTER_S,
     DatasetSpec,
@@ -29,8 +30,17 @@ from services.common.queues import DATAGEN_CHUNK_TASK, DATAGEN_EXPORT_TASK, DATA
 from services.common.settings import Settings
 from services.common.storage import FileStorage
 from services.datagen.builder import DatasetBuilder
-from services.datagen.run_tasks import RunContext, export_run, generate_chunk
+from services.datagen.run_tasks import (
+    RunContext,
+    RunFailed,
+    export_run,
+    fail_run,
+    generate_chunk,
+    plan_run,
+)
 from tests.datagen.conftest_images import fake_pair
+
+OWNER = "key-1"
 
 
 @pytest.fixture
@@ -96,7 +106,7 @@ def test_datagen_tasks_have_their_own_time_limits():
 
 
 def test_export_copies_the_stored_pngs_and_loads_no_model(ctx):
-    run, _ = ctx.runs.create_or_resume(spec(num_rows=3, pairs_per_row=2))
+    run, _ = ctx.runs.create_or_resume(spec(num_rows=3, pairs_per_row=2), OWNER)
     assert generate_chunk(ctx, run.id, 0, 3, run.generation) == 3
     assert ctx.runs.get(run.id).status == RunStatus.exporting
     # The chunk that finished the rows enqueued the export, for this generation.
@@ -137,7 +147,7 @@ def _store_rows(ctx: RunContext, run) -> None:
 
 
 def test_a_cancel_during_the_export_is_not_overwritten(ctx):
-    run, _ = ctx.runs.create_or_resume(spec(num_rows=600))
+    run, _ = ctx.runs.create_or_resume(spec(num_rows=600), OWNER)
     _store_rows(ctx, run)
     ctx.runs.transition(run.id, {RunStatus.queued}, status=RunStatus.exporting)
     lease = ctx.runs._key(run.id, "lease:export")
@@ -163,10 +173,10 @@ def test_a_cancel_during_the_export_is_not_overwritten(ctx):
 
 def test_tasks_of_a_generation_before_a_cancel_and_resume_do_nothing(ctx):
     runs = ctx.runs
-    run, requeued = runs.create_or_resume(spec())
+    run, requeued = runs.create_or_resume(spec(), OWNER)
     assert requeued and run.generation == 0
     runs.transition(run.id, RUN_ACTIVE, status=RunStatus.canceled)
-    resumed, requeued = runs.create_or_resume(spec())
+    resumed, requeued = runs.create_or_resume(spec(), OWNER)
     assert requeued and resumed.generation == 1 and resumed.status == RunStatus.queued
 
     # A chunk task queued before the cancel: no row, no state change.
@@ -188,7 +198,7 @@ def test_transition_is_compare_and_set(ctx, redis_url):
     """A cancel landing between a worker's read and its write wins (the write is retried
     on the new record and refused)."""
     runs = ctx.runs
-    run, _ = runs.create_or_resume(spec())
+    run, _ = runs.create_or_resume(spec(), OWNER)
     other = RunStore(redis.Redis.from_url(redis_url), ttl_s=3600)
     seen = []
 
@@ -209,7 +219,7 @@ def test_transition_is_compare_and_set(ctx, redis_url):
 
 
 def test_a_chunk_near_its_time_limit_hands_its_other_rows_back(ctx):
-    run, _ = ctx.runs.create_or_resume(spec())
+    run, _ = ctx.runs.create_or_resume(spec(), OWNER)
     # One row always fits; the next would end past this (tiny) soft limit.
     assert generate_chunk(ctx, run.id, 0, 4, run.generation, soft_limit_s=0.001) == 1
     assert queued(ctx) == [
@@ -219,9 +229,127 @@ def test_a_chunk_near_its_time_limit_hands_its_other_rows_back(ctx):
 
 
 def test_a_shutting_down_worker_hands_its_rows_back(ctx):
-    run, _ = ctx.runs.create_or_resume(spec())
+    run, _ = ctx.runs.create_or_resume(spec(), OWNER)
     draining = dataclasses.replace(ctx, draining=lambda: True)
     assert generate_chunk(draining, run.id, 0, 4, run.generation) == 0
     assert queued(ctx) == [
         (DATAGEN_CHUNK_TASK, [run.id, 0, 4], {"generation": run.generation, "stalls": 0})
     ]
+
+
+# -- planning -----------------------------------------------------------------------------------
+
+
+def chunk_tasks(run, generation=0) -> list[tuple[str, list, dict]]:
+    total = run.spec.total_rows
+    return [
+        (DATAGEN_CHUNK_TASK, [run.id, start, min(start + 8, total)], {"generation": generation})
+        for start in range(0, total, 8)
+    ]
+
+
+def test_planning_enqueues_the_chunks_and_goes_on_where_it_stopped(ctx, monkeypatch):
+    from services.datagen import run_tasks
+
+    monkeypatch.setattr(run_tasks, "PLAN_CHECK_EVERY", 2)
+    run, _ = ctx.runs.create_or_resume(spec(num_rows=50), OWNER)
+    # The worker begins to shut down after the first check: the rest goes back.
+    checks = iter([False, True])
+    draining = dataclasses.replace(ctx, draining=lambda: next(checks, True))
+    assert plan_run(draining, run.id, run.generation) == 4
+    assert queued(ctx) == [
+        *chunk_tasks(run)[:4],
+        (DATAGEN_PLAN_TASK, [run.id], {"generation": run.generation}),
+    ]
+    ctx.runs.redis.delete(DATAGEN_QUEUE)
+    # The planning task sent again goes on from the fifth chunk.
+    assert plan_run(ctx, run.id, run.generation) == 3
+    assert queued(ctx) == chunk_tasks(run)[4:]
+    ctx.runs.redis.delete(DATAGEN_QUEUE)
+    assert plan_run(ctx, run.id, run.generation) == 0
+    # A planning task of another generation does nothing.
+    assert plan_run(ctx, run.id, run.generation + 1) == 0
+    assert queued(ctx) == []
+
+
+def test_planning_skips_made_rows_and_stops_for_a_cancel(ctx, monkeypatch):
+    from services.datagen import run_tasks
+
+    monkeypatch.setattr(run_tasks, "PLAN_CHECK_EVERY", 2)
+    run, _ = ctx.runs.create_or_resume(spec(num_rows=48), OWNER)
+    for index in range(8, 16):
+        ctx.runs.row_done(run.id, index, 1, 1)
+    sent = []
+
+    def send_then_cancel(name, args, kwargs):
+        sent.append((name, args, kwargs))
+        if len(sent) == 2:
+            ctx.runs.transition(run.id, RUN_ACTIVE, status=RunStatus.canceled)
+
+    canceling = dataclasses.replace(ctx, send=send_then_cancel)
+    assert plan_run(canceling, run.id, run.generation) == 2
+    tasks = chunk_tasks(run)
+    assert sent == [tasks[0], tasks[2]]  # rows 8-15 are made
+
+
+def test_a_soft_time_limit_while_planning_requeues_the_planning(ctx):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    run, _ = ctx.runs.create_or_resume(spec(num_rows=40), OWNER)
+    sent = []
+
+    def send(name, args, kwargs):
+        if name == DATAGEN_CHUNK_TASK and len(sent) == 3:
+            raise SoftTimeLimitExceeded()
+        sent.append((name, args, kwargs))
+
+    assert plan_run(dataclasses.replace(ctx, send=send), run.id, run.generation) == 3
+    assert sent == [
+        *chunk_tasks(run)[:3],
+        (DATAGEN_PLAN_TASK, [run.id], {"generation": run.generation}),
+    ]
+    assert plan_run(ctx, run.id, run.generation) == 2
+    assert queued(ctx) == chunk_tasks(run)[3:]
+
+
+# -- given rows and errors ------------------------------------------------------------------------
+
+
+def test_given_rows_are_read_from_their_own_store(ctx):
+    rows = [
+        {"input_caption": f"a mug {n}", "instruction": "make it red", "output_caption": "a red mug"}
+        for n in range(3)
+    ]
+    run, _ = ctx.runs.create_or_resume(spec(num_rows=None, rows=rows), OWNER)
+    assert run.spec.rows_count == 3 and not hasattr(run.spec, "rows")
+    assert generate_chunk(ctx, run.id, 0, 3, run.generation) == 3
+    manifest = json.loads(ctx.storage.get(row_key(run.id, 2)))
+    assert manifest["all_pairs"][0]["input_caption"] == "a mug 2"
+
+    # Rows gone (expired apart from the record): a clear failure, not a crash.
+    other, _ = ctx.runs.create_or_resume(spec(num_rows=None, rows=rows[:2]), OWNER)
+    ctx.runs.redis.delete(ctx.runs._key(other.id, "input-rows"))
+    with pytest.raises(RunFailed) as failed:
+        generate_chunk(ctx, other.id, 0, 2, other.generation)
+    assert failed.value.code == "rows_missing"
+
+
+def test_a_model_that_fails_to_load_leaves_no_path_in_the_run(ctx):
+    from services.datagen import celery_worker
+
+    run, _ = ctx.runs.create_or_resume(spec(), OWNER)
+    broken = dataclasses.replace(ctx, default_model="/nonexistent/secret-models/sd")
+    with pytest.raises(RunFailed) as failed:
+        generate_chunk(broken, run.id, 0, 4, run.generation)
+    # What the task's failure handler records on the run.
+    code, message = celery_worker._failure(DATAGEN_CHUNK_TASK, failed.value, [run.id, 0, 4])
+    assert fail_run(ctx.runs, run.id, run.generation, code, message)
+    error = ctx.runs.get(run.id).error
+    assert error.code == "model_unavailable"
+    assert "/" not in error.message and "secret" not in error.message
+
+    # Any other exception: its type, never its text.
+    leaky = OSError("[Errno 2] No such file: '/srv/private/thing'")
+    for task in (DATAGEN_CHUNK_TASK, DATAGEN_PLAN_TASK, DATAGEN_EXPORT_TASK):
+        _, message = celery_worker._failure(task, leaky, [run.id, 0, 4])
+        assert "/srv" not in message and "OSError" in message

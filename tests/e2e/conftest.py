@@ -10,6 +10,7 @@ import httpx
 import pytest
 import redis
 
+from services.common.api_keys import CreatedKey, KeyStore
 from tests.stack import Service, free_port, service_env, start_api, start_worker
 
 
@@ -20,9 +21,15 @@ class Stack:
     base_url: str
     redis: redis.Redis
     settings: dict[str, str]
+    # A key made for the tests with `KeyStore.create`, as `keys create` makes one.
+    key: CreatedKey | None = None
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key.key}"} if self.key else {}
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30)
+        return httpx.Client(base_url=self.base_url, timeout=30, headers=self.auth)
 
     def wait_for(self, job_id: str, predicate, timeout: float = 90) -> dict:
         deadline = time.monotonic() + timeout
@@ -66,7 +73,8 @@ def start_stack(tmp_path_factory, model_dir: str, redis_url: str, **extra: str):
     except Exception:
         worker.stop()
         raise
-    stack = Stack(api, worker, f"http://127.0.0.1:{port}", client, settings)
+    key = KeyStore(client).create("e2e") if settings.get("auth") != "disabled" else None
+    stack = Stack(api, worker, f"http://127.0.0.1:{port}", client, settings, key)
 
     def engine_ready() -> bool:
         return "edit engine ready" in worker.log()

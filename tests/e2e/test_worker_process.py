@@ -74,7 +74,9 @@ def test_an_accepted_job_whose_message_was_lost_still_runs(stack):
     store = JobStore(stack.redis, ttl_s=600, redeliver_after_s=1)
     storage = FileStorage(stack.settings["storage_url"].removeprefix("file://"))
     data = image_bytes((64, 48))
-    job = EditJob.new(EditParams(prompt="make it red", num_inference_steps=2), "image/png")
+    job = EditJob.new(
+        EditParams(prompt="make it red", num_inference_steps=2), "image/png", owner=stack.key.id
+    )
     storage.put(job.input_key, data, "image/png")
     store.create(job)  # and no message
     done = stack.wait_finished(job.id, timeout=60)

@@ -1,0 +1,1 @@
+"""The webhook delivery worker: Celery tasks on the `webhooks` queue (tasks.py)."""
