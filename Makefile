@@ -84,10 +84,10 @@ test-slow: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check services tests bench
+	$(BIN)/ruff format --check .
 
 format: install
-	$(BIN)/ruff format services tests bench
+	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 tiny-model: install

@@ -88,6 +88,18 @@ def tiny_sdxl_dir(tmp_path_factory) -> str:
     return str(write_tiny_sdxl_instruct_pix2pix(directory, seed=0))
 
 
+@pytest.fixture(scope="session")
+def stack(claim_redis_db, tiny_model_dir, tmp_path_factory):
+    """One running stack for the session (tests/e2e/conftest.py): its end-to-end tests,
+    the SDK's, the CLI's and the web page's share it."""
+    from tests.e2e.conftest import start_stack
+
+    stack = start_stack(tmp_path_factory, tiny_model_dir, claim_redis_db())
+    yield stack
+    stack.api.stop()
+    stack.worker.stop()
+
+
 def image_bytes(size=(64, 48), mode="RGB", fmt="PNG", color=(200, 30, 30), **save) -> bytes:
     buf = io.BytesIO()
     image = Image.new(mode, size, color if mode in ("RGB", "RGBA") else 128)

@@ -13,11 +13,12 @@ from celery import Celery
 from fastapi import FastAPI
 
 from services.api import metrics
+from services.api.docs import install_docs
 from services.api.errors import install_error_handlers
 from services.api.idempotency import IdempotencyStore
 from services.api.limits import SubmissionLimits
 from services.api.middleware import RequestContextMiddleware
-from services.api.routes import datasets, edits, health
+from services.api.routes import datasets, edits, health, ui
 from services.api.signed_urls import LazySigner
 from services.api.uploads import UploadLimitMiddleware
 from services.common.api_keys import KeyStore
@@ -78,6 +79,10 @@ def create_app(settings: Settings | None = None, *, warm_broker: bool = False) -
         version="0.1.0",
         description="Edit product photos by text instruction (InstructPix2Pix).",
         lifespan=_lifespan,
+        # /docs is served below from Swagger UI's own files, so that it works offline;
+        # FastAPI's would load them from a CDN. (ReDoc has no packaged assets: off.)
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.warm_broker = warm_broker
@@ -105,10 +110,12 @@ def create_app(settings: Settings | None = None, *, warm_broker: bool = False) -
     # and are counted and logged like every other response.
     app.add_middleware(UploadLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestContextMiddleware)
+    install_docs(app)
     app.include_router(health.router)
     app.include_router(edits.router)
     app.include_router(datasets.router)
     app.include_router(metrics.router)
+    app.include_router(ui.router)
     return app
 
 

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 
 import httpx
-import pytest
 import redis
 
 from services.common.api_keys import CreatedKey, KeyStore
@@ -86,11 +85,3 @@ def start_stack(tmp_path_factory, model_dir: str, redis_url: str, **extra: str):
         worker.stop()
         raise
     return stack
-
-
-@pytest.fixture(scope="session")
-def stack(claim_redis_db, tiny_model_dir, tmp_path_factory):
-    stack = start_stack(tmp_path_factory, tiny_model_dir, claim_redis_db())
-    yield stack
-    stack.api.stop()
-    stack.worker.stop()
