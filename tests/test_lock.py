@@ -197,12 +197,17 @@ def test_locks_hold_the_build_requirements(lock):
             assert req.specifier.contains(pin.version), f"{lock}: {pin.name}=={pin.version}"
 
 
+# Packages of the `gpu` extra only: xformers needs a CUDA torch, bitsandbytes' 8-bit
+# optimizers a CUDA device (the fine-tuning falls back to AdamW without it).
+GPU_ONLY = {"xformers", "bitsandbytes"}
+
+
 @pytest.mark.parametrize("lock", [*(lk for lk in PROJECT_LOCKS if lk != "dev.txt"), "bake.txt"])
 def test_image_locks_pin_what_the_tests_run_with(lock):
     """Each image lock is compiled against dev.txt: the same version of every package."""
     dev = read_lock("dev.txt")
     for name, entries in read_lock(lock).items():
-        if name == "xformers":  # the `gpu` extra, not in dev.txt (it needs a CUDA torch)
+        if name in GPU_ONLY:  # the `gpu` extra, not in dev.txt (CUDA builds)
             continue
         assert name in dev, f"{lock}: {name} is not in dev.txt"
         dev_versions = {p.version for p in dev[name]}  # markers may differ: fewer deps
