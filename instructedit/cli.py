@@ -426,8 +426,9 @@ def edit(
         negative_prompt=negative_prompt,
     )
     job = _settings.client.edit(image, instruction, mask=mask, **params)
-    err.print(f"submitted {job.id}", markup=False)
     try:
+        # Inside: an interrupt from the moment the job is announced names it.
+        err.print(f"submitted {job.id}", markup=False)
         job = follow(job)
     except KeyboardInterrupt:
         raise CLIError(

@@ -18,7 +18,7 @@ from services.api.errors import install_error_handlers
 from services.api.idempotency import IdempotencyStore
 from services.api.limits import SubmissionLimits
 from services.api.middleware import RequestContextMiddleware
-from services.api.routes import datasets, edits, health, ui
+from services.api.routes import datasets, edits, finetunes, health, ui
 from services.api.signed_urls import LazySigner
 from services.api.uploads import UploadLimitMiddleware
 from services.common.api_keys import KeyStore
@@ -114,6 +114,7 @@ def create_app(settings: Settings | None = None, *, warm_broker: bool = False) -
     app.include_router(health.router)
     app.include_router(edits.router)
     app.include_router(datasets.router)
+    app.include_router(finetunes.router)
     app.include_router(metrics.router)
     app.include_router(ui.router)
     return app

@@ -13,6 +13,8 @@ from services.common.queues import (
     DATAGEN_QUEUE,
     EDIT_TASK,
     EDITS_QUEUE,
+    FINETUNE_TASK,
+    TRAIN_QUEUE,
     WEBHOOK_TASK,
     WEBHOOKS_QUEUE,
 )
@@ -28,11 +30,17 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         # Job state lives in our own Redis job records; Celery results would be a second,
         # divergent copy.
         task_ignore_result=True,
-        task_queues=[Queue(EDITS_QUEUE), Queue(DATAGEN_QUEUE), Queue(WEBHOOKS_QUEUE)],
+        task_queues=[
+            Queue(EDITS_QUEUE),
+            Queue(DATAGEN_QUEUE),
+            Queue(WEBHOOKS_QUEUE),
+            Queue(TRAIN_QUEUE),
+        ],
         task_default_queue=EDITS_QUEUE,
         task_routes={
             EDIT_TASK: {"queue": EDITS_QUEUE},
             WEBHOOK_TASK: {"queue": WEBHOOKS_QUEUE},
+            FINETUNE_TASK: {"queue": TRAIN_QUEUE},
         },
         # A GPU task is acknowledged only after it ran, and goes back to the queue when the
         # worker process dies under it; one job reserved at a time per process.

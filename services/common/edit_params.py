@@ -19,6 +19,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
+from services.common.adapters import ADAPTER_ID_MAX_LENGTH, ADAPTER_ID_PATTERN
 from services.common.schedulers import MAX_STEPS, Scheduler
 from services.common.webhooks import WEBHOOK_URL_MAX_LENGTH, WebhookEvent, WebhookSpec
 
@@ -56,6 +57,13 @@ class EditParams(BaseModel):
     scheduler: Scheduler = Field(
         Scheduler.euler_ancestral,
         description="the denoising sampler (`euler_ancestral` is InstructPix2Pix's own)",
+    )
+    adapter: str | None = Field(
+        None,
+        max_length=ADAPTER_ID_MAX_LENGTH,
+        pattern=ADAPTER_ID_PATTERN,
+        description="a LoRA adapter id from a fine-tune or `adapters register`; none: the "
+        "base model",
     )
     output_size: OutputSize = Field(
         OutputSize.input,
@@ -96,6 +104,14 @@ class EditParams(BaseModel):
             value = value.strip()
         return value
 
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _no_adapter(cls, value: object) -> object:
+        # An empty form field names no adapter.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("negative_prompt")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
@@ -122,8 +138,9 @@ _NUMBER_FIELDS = {
 }
 
 # Parameters that shape the shared denoising loop: jobs may run in one UNet batch only when
-# these are equal (and their model input size and guidance mode, see batch_key).
-BATCH_FIELDS = ("num_inference_steps", "scheduler")
+# these are equal (and their model input size and guidance mode, see batch_key). The
+# adapter is the UNet's (and maybe the text encoder's) weights: one per batch.
+BATCH_FIELDS = ("num_inference_steps", "scheduler", "adapter")
 
 
 def uses_guidance(params: EditParams) -> bool:
@@ -139,7 +156,9 @@ def batch_key(size: tuple[int, int], params: EditParams) -> str:
     """Jobs with equal keys can share one UNet call per step: same latent shape, same
     timesteps, same branch layout. Prompts, seeds, scales and output counts may differ."""
     mode = "cfg" if uses_guidance(params) else "text"
-    shared = (str(getattr(params, name)) for name in BATCH_FIELDS)
+    # A field that is unset (no adapter) adds nothing: base-model keys read as they did.
+    values = (getattr(params, name) for name in BATCH_FIELDS)
+    shared = (str(value) for value in values if value is not None)
     return ":".join([f"{size[0]}x{size[1]}", *shared, mode])
 
 

@@ -5,6 +5,8 @@ DATAGEN_QUEUE = "datagen"
 # Webhook deliveries: network I/O with retries, served by a light worker of their own so
 # that a slow receiver never holds a GPU worker.
 WEBHOOKS_QUEUE = "webhooks"
+# Fine-tuning: served by GPU workers started with `--queues train` (or `edits,train`).
+TRAIN_QUEUE = "train"
 
 EDIT_TASK = "instructedit.edit"
 
@@ -14,6 +16,8 @@ DATAGEN_EXPORT_TASK = "instructedit.datagen.export"
 DATAGEN_PLAN_TASK = "instructedit.datagen.plan"
 
 WEBHOOK_TASK = "instructedit.webhooks.deliver"
+
+FINETUNE_TASK = "instructedit.finetune"
 
 
 def enqueue_edit(app, job_id: str) -> None:

@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     # own (null in the spec).
     datagen_models: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_parse_names)] = ()
     datagen_clip_models: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_parse_names)] = ()
+    # Base models a fine-tune (POST /v1/finetunes) may name as `base_model`, as the
+    # datagen ones; unset, only the edit model (`model`, null in the request).
+    finetune_base_models: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_parse_names)] = ()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # The model's area budget as a side length: it runs at the resolution bucket of about
     # resolution^2 pixels nearest each photo's aspect ratio (services/common/buckets.py).
@@ -143,6 +146,12 @@ class Settings(BaseSettings):
     attention_slicing: bool = False
     vae_tiling: bool = False
     text_embedding_cache_size: int = Field(512, ge=0)
+    # LoRA adapters (the `adapter` of an edit) a worker keeps loaded on its model, least
+    # recently used dropped first; loading one takes a moment and never reloads the model.
+    # With compile_unet, LoRA layers change the UNet's graph: a batch with another adapter
+    # setup than before recompiles (counted and logged as recompiles; past dynamo's
+    # recompile limit the UNet runs eagerly), so adapters are best served eager.
+    adapter_cache_size: int = Field(4, ge=1, le=64)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
 
     # Retention: a job's record and its stored images (input, mask, outputs) are deleted

@@ -243,3 +243,7 @@ def edit(self, job_id: str) -> dict | None:
         raise self.retry(countdown=outcome.seconds, max_retries=None)
     # None: a job this worker no longer held (taken over, or already ended elsewhere).
     return {k: str(v) for k, v in outcome.items() if v is not None} if outcome else None
+
+
+# The fine-tune task (served with `--queues train`, or `edits,train`).
+import services.gpu_worker.finetune.task  # noqa: E402, F401

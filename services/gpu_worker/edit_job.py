@@ -39,6 +39,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
+from services.common.adapters import AdapterStore
 from services.common.edit_params import EditParams, OutputSize, batch_key
 from services.common.images import (
     OUTPUT_FORMATS,
@@ -62,7 +63,13 @@ from services.common.jobs import (
 from services.common.logging import bind_request_id
 from services.common.storage import ObjectNotFound, Storage, StorageError
 from services.common.webhooks import WebhookEvent
-from services.gpu_worker.engine import EditEngine, EditRequest, is_out_of_memory
+from services.gpu_worker.adapters import AdapterResolver
+from services.gpu_worker.engine import (
+    AdapterUnavailable,
+    EditEngine,
+    EditRequest,
+    is_out_of_memory,
+)
 from services.gpu_worker.full_resolution import OutputShaper
 from services.gpu_worker.progress import (
     PROGRESS_INTERVAL_S,
@@ -237,6 +244,11 @@ class EditRunner:
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="edit-prefetch")
         self._publisher: ProgressPublisher | None = None
         self._prefetch: _Prefetch | None = None
+        # Jobs' adapters are looked up in the adapter store of the jobs' Redis, and
+        # `storage:` ones downloaded from the jobs' storage.
+        client = getattr(jobs, "redis", None)
+        if engine is not None and client is not None:
+            engine.set_adapter_resolver(AdapterResolver(AdapterStore(client, storage), storage))
 
     # -- entry point -------------------------------------------------------------------
 
@@ -497,6 +509,9 @@ class EditRunner:
                 outcomes = self.engine.predict_batch([item.request for item in group])
         except SoftTimeLimitExceeded:
             failure = JobError.of(JobErrorCode.timeout)
+        except AdapterUnavailable as exc:
+            # Names the adapter id only (where it failed to load from is in the log).
+            failure = JobError.of(JobErrorCode.model_unavailable, str(exc))
         except Exception as exc:
             if is_out_of_memory(exc):
                 failure = JobError.of(JobErrorCode.out_of_memory)

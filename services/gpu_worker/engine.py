@@ -68,6 +68,7 @@ from services.common.settings import (
     WarmupBuckets,
 )
 from services.common.workers import EngineInfo
+from services.gpu_worker.adapters import AdapterCache, AdapterUnavailable, Resolve
 from services.gpu_worker.families import (
     NO_MODEL_HINT,
     ModelFamily,
@@ -78,6 +79,7 @@ from services.gpu_worker.families import (
 from services.gpu_worker.metrics import observe_unet_recompiles
 
 __all__ = [
+    "AdapterUnavailable",
     "EditEngine",
     "EditRequest",
     "EngineOptions",
@@ -123,6 +125,7 @@ class EngineOptions(BaseModel):
     attention_slicing: bool = False
     vae_tiling: bool = False
     text_embedding_cache_size: int = 512
+    adapter_cache_size: int = 4
     resolution: int | None = None
     # Not a setting: on CUDA, run the denoising loop under
     # torch.cuda.set_sync_debug_mode("error"), so that any host-device synchronisation in
@@ -445,6 +448,10 @@ class EditEngine:
         self.recompiles = 0
         self.warmup_pairs: list[WarmupPair] = []
         self._warm = False
+        # LoRA adapters on the model (services/gpu_worker/adapters.py), made with the
+        # pipeline; where their weights are comes from `set_adapter_resolver`.
+        self.adapters: AdapterCache | None = None
+        self._adapter_resolve: Resolve | None = None
 
     # -- setup -------------------------------------------------------------------------
 
@@ -479,6 +486,7 @@ class EditEngine:
             pipe.vae.enable_tiling()
         self.pipe = pipe
         self.family = family
+        self.adapters = AdapterCache(pipe, self.options.adapter_cache_size, self._adapter_resolve)
         self.resolution = self.options.resolution or family.resolution()
         if self.options.compile_unet:
             self._compile_unet()
@@ -513,6 +521,23 @@ class EditEngine:
         for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
             if hasattr(config, name):
                 setattr(config, name, max(getattr(config, name), shapes + 8))
+
+    def set_adapter_resolver(self, resolve: Resolve) -> None:
+        """Where adapters' weights are: adapter id -> ResolvedAdapter (the runner passes
+        one that reads the adapter store)."""
+        self._adapter_resolve = resolve
+        if self.adapters is not None:
+            self.adapters.resolve = resolve
+
+    def _activate_adapter(self, adapter_id: str | None) -> None:
+        """The batch's adapter, active (loaded first when it is not), or none. With a
+        compiled UNet, LoRA layers change its graph: the first batch of each adapter
+        setup recompiles (counted and logged as recompiles)."""
+        if self.adapters is None:
+            if adapter_id is None:
+                return
+            raise AdapterUnavailable(adapter_id, "is not supported by this engine")
+        self.adapters.activate(adapter_id)
 
     def _select_attention(self, pipe, device: torch.device) -> str:
         choice = "sliced" if self.options.attention_slicing else self.options.attention
@@ -723,12 +748,16 @@ class EditEngine:
 
     def _run(self, requests: list[EditRequest]) -> list[list[Image.Image] | BaseException]:
         guided = uses_guidance(requests[0].params)
+        # The batch's adapter (the batch key's: every request has it) before any encoding:
+        # an adapter may have text encoder layers too.
+        adapter = requests[0].params.adapter
+        self._activate_adapter(adapter)
         jobs: list[_Job] = []
         outcomes: list[_Job | BaseException] = []
         for request in requests:
             try:
                 text, negative = self._encode_prompt(
-                    request.params.prompt, request.params.negative_prompt, guided
+                    request.params.prompt, request.params.negative_prompt, guided, adapter
                 )
             except Exception as exc:
                 if not is_out_of_memory(exc):
@@ -939,11 +968,15 @@ class EditEngine:
         return copy.deepcopy(self._template(name))
 
     def _encode_prompt(
-        self, prompt: str, negative_prompt: str | None, cfg: bool
+        self, prompt: str, negative_prompt: str | None, cfg: bool, adapter: str | None = None
     ) -> tuple[TextConditioning, TextConditioning | None]:
         """The family's conditioning for (prompt, negative), cached: catalog edits repeat
-        the same instructions, and the empty negative prompt is in nearly every job."""
-        key = (prompt, negative_prompt, cfg)
+        the same instructions, and the empty negative prompt is in nearly every job. Keyed
+        by the adapter's loaded revision too: an adapter with text encoder layers encodes
+        prompts its own way (and one registered again may encode them anew)."""
+        key: tuple = (prompt, negative_prompt, cfg)
+        if adapter is not None and self.adapters is not None:
+            key = (self.adapters.active, *key)
         cached = self._embeds.get(key)
         if cached is not None:
             self._embeds.move_to_end(key)

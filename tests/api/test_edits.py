@@ -42,6 +42,7 @@ def test_submit_stores_input_records_job_and_enqueues_only_the_id(
         "seed": 42,
         "num_outputs": 2,
         "scheduler": "euler_ancestral",
+        "adapter": None,
         "output_size": "input",
         "output_format": "png",
         "output_quality": 90,

@@ -44,6 +44,7 @@ from services.api.metrics import JOBS_SUBMITTED
 from services.api.schemas import EditForm, EditJobList, EditJobResponse
 from services.api.submission import submit_job
 from services.api.uploads import check_image, check_mask, read_limited, reject_duplicate_fields
+from services.common.adapters import AdapterStore
 from services.common.buckets import DEFAULT_RESOLUTION, bucket_for
 from services.common.images import OUTPUT_FORMATS, upright_size
 from services.common.job_cleanup import delete_job
@@ -181,6 +182,7 @@ class _Acceptance:
 
     def __init__(self, request, owner, settings, jobs, storage, celery, limits) -> None:
         self.request_id = request.state.request_id
+        self.redis = request.app.state.redis
         self.owner = owner
         self.settings = settings
         self.jobs = jobs
@@ -219,6 +221,13 @@ class _Acceptance:
         self.limits.check_backlog(self.jobs)
         self.limits.hit(self.owner)
         params, webhook = form.split()
+        if params.adapter is not None:
+            # Unknown and another key's adapters alike: nothing says which it was.
+            adapter = AdapterStore(self.redis).get(params.adapter)
+            if adapter is None or not adapter.visible_to(self.owner):
+                raise APIError(
+                    422, "invalid_adapter", f"no adapter with id {params.adapter!r}"
+                ) from None
         if webhook is not None:
             try:
                 check_webhook_url(webhook.url, self.settings.webhook_allowed_hosts)

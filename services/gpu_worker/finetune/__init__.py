@@ -1,0 +1,1 @@
+"""Fine-tuning InstructPix2Pix on datagen exports."""
