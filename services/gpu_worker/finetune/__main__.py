@@ -5,6 +5,13 @@
 
 Every hyper-parameter of `FinetuneConfig` is an option (--rank, --learning-rate, ...).
 Run the same command again to resume from DEST's last checkpoint.
+
+DEST is a local directory or a storage URL (`file://<dir>`, `s3://bucket/prefix`; S3
+endpoint and region from INSTRUCTEDIT_S3_*). With a URL the run trains in a local work
+directory (--work-dir, default one named after DEST under the system's temporary
+directory) after downloading DEST's newest checkpoint, uploads each checkpoint as it is
+written, and at the end the adapter (or pipeline), metrics.jsonl, finetune.json and the
+latest validation renders to DEST: run it again, here or on another machine, to resume.
 """
 
 from __future__ import annotations
@@ -58,7 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--base", required=True, help="InstructPix2Pix pipeline: Hub id or local directory"
     )
-    parser.add_argument("--out", required=True, help="output directory (checkpoints, result)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory (checkpoints, result), or a file:// or s3:// storage URL",
+    )
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="local directory to train in when --out is a storage URL "
+        "(default: one named after --out under the temporary directory)",
+    )
     options = parser.add_argument_group("hyper-parameters (FinetuneConfig)")
     for name, field in FinetuneConfig.model_fields.items():
         default = field.get_default(call_default_factory=True)
@@ -99,15 +116,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from services.gpu_worker.finetune import storage_sync
     from services.gpu_worker.finetune.train import FinetuneError, run_finetune
 
+    to_storage = storage_sync.is_storage_url(args.out)
+    if args.work_dir is not None and not to_storage:
+        parser.error("--work-dir is for a storage URL --out")
     try:
-        result = run_finetune(config, args.dataset, args.base, args.out)
+        if to_storage:
+            result = storage_sync.run_finetune_to_storage(
+                config, args.dataset, args.base, args.out, work_dir=args.work_dir
+            )
+        else:
+            result = run_finetune(config, args.dataset, args.base, args.out)
     except FinetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     output = result.adapter_dir or result.pipeline_dir
     if output is not None:
+        if to_storage:
+            output = f"{args.out.rstrip('/')}/{output.name}"
         print(f"fine-tuned {result.steps} steps (final loss {result.final_loss}): {output}")
     return 0
 

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import redis
 from celery import shared_task
+from prometheus_client import CollectorRegistry
 
 from services.common.adapters import AdapterInvalid, AdapterStore
 from services.common.datasets import RunStatus, RunStore
@@ -68,6 +70,21 @@ PROGRESS_EVERY_S = 1.0
 FAILED_MESSAGE = (
     "the fine-tune failed; post the same request again to resume from its last checkpoint"
 )
+
+
+def finetune_metrics_registry() -> CollectorRegistry | None:
+    """Where the trainer's step and loss gauges go so that the worker's metrics port
+    (INSTRUCTEDIT_WORKER_METRICS_PORT) shows them, or None when metrics are off.
+
+    The worker serves `/metrics` in prometheus_client's multiprocess mode
+    (`services.gpu_worker.metrics.start_metrics_server`): a pool child's samples go to
+    files under PROMETHEUS_MULTIPROC_DIR, whatever registry a metric is registered in, and
+    the parent's MultiProcessCollector sums them. So each run gets a registry of its own
+    (registering the gauges twice in one process's REGISTRY would raise).
+    """
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    return CollectorRegistry()
 
 
 class _Failed(Exception):
@@ -133,7 +150,6 @@ class FinetuneRunner:
             )
 
     def _train(self, finetune, generation: int, work: Path) -> str:
-        from services.gpu_worker.finetune.checkpoint import latest_checkpoint
         from services.gpu_worker.finetune.train import run_finetune
 
         finetune_id = finetune.id
@@ -153,32 +169,24 @@ class FinetuneRunner:
         )
         if resumed is not None:
             log.info("fine-tune %s resumes from its checkpoint at step %d", finetune_id, resumed)
-        uploaded = {"checkpoint": resumed, "validation": None}
         last_report = [0.0]
         stop = [False]
 
-        def sync_outputs() -> None:
-            checkpoint = latest_checkpoint(dest)
-            if checkpoint is not None:
-                step = int(checkpoint.name.split("-")[-1])
-                if uploaded["checkpoint"] is None or step > uploaded["checkpoint"]:
-                    storage_sync.upload_checkpoint(
-                        self.storage, checkpoint, checkpoints_prefix(finetune_id)
-                    )
-                    uploaded["checkpoint"] = step
-            validation = _latest_validation(dest)
-            if validation is not None and validation[0] != uploaded["validation"]:
-                step, directory = validation
-                keys = storage_sync.upload_dir(
-                    self.storage, directory, f"{validation_prefix(finetune_id)}/step-{step}"
-                )
-                pngs = [k for k in keys if k.endswith(".png")]
-                updated = self.store.report_progress(
-                    finetune_id, generation, validation_keys=pngs, validation_step=step
-                )
-                if updated is None:
-                    stop[0] = True
-                uploaded["validation"] = step
+        def on_validation(step: int, pngs: list[str]) -> None:
+            updated = self.store.report_progress(
+                finetune_id, generation, validation_keys=pngs, validation_step=step
+            )
+            if updated is None:
+                stop[0] = True
+
+        sync_outputs = storage_sync.OutputSync(
+            self.storage,
+            dest,
+            checkpoints_prefix(finetune_id),
+            validation_prefix(finetune_id),
+            checkpoint_step=resumed,
+            on_validation=on_validation,
+        )
 
         def on_progress(progress) -> None:
             now = time.monotonic()
@@ -218,6 +226,7 @@ class FinetuneRunner:
             dest,
             on_progress=on_progress,
             should_stop=should_stop,
+            metrics=finetune_metrics_registry(),
         )
         sync_outputs()
         if result.stopped:
@@ -280,18 +289,6 @@ def _finite(value: float | None) -> float | None:
     if value is None or value != value or value in (float("inf"), float("-inf")):
         return None
     return float(value)
-
-
-def _latest_validation(dest: Path) -> tuple[int, Path] | None:
-    root = dest / "validation"
-    if not root.is_dir():
-        return None
-    found = []
-    for path in root.iterdir():
-        name = path.name
-        if path.is_dir() and name.startswith("step-") and name[5:].isdigit():
-            found.append((int(name[5:]), path))
-    return max(found) if found else None
 
 
 @shared_task(

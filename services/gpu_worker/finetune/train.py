@@ -1,10 +1,17 @@
-"""Fine-tune an InstructPix2Pix model (SD 1.5 family) on an edit dataset: LoRA or full.
+"""Fine-tune an InstructPix2Pix model (SD 1.5 or SDXL family) on an edit dataset: LoRA or full.
 
 The objective is diffusers' examples/instruct_pix2pix/train_instruct_pix2pix.py: the
 edited image's VAE latents (sampled, times the scaling factor) are noised at a random DDPM
 timestep, and the UNet, given the noisy latents next to the input image's latents (the
 distribution's mode, unscaled) and the prompt's text embedding, predicts the noise (or v).
 Conditioning dropout drops the prompt, the image or both for classifier-free guidance.
+
+SDXL follows examples/instruct_pix2pix/train_instruct_pix2pix_sdxl.py: the prompt embedding
+is both text encoders' penultimate hidden states side by side, the UNet's added conditions
+are text_encoder_2's pooled embedding and the time ids (original size, crop top-left,
+target size: the bucket's (h, w, 0, 0, h, w)); conditioning dropout replaces both embeddings
+by the empty prompt's. SDXL's VAE stays in float32 (it overflows in fp16). Text encoders are
+not trained for SDXL.
 
 Training runs under accelerate (`Accelerator(mixed_precision, gradient_accumulation)`), so
 the same entry point runs on one device or data parallel under `accelerate launch`; the
@@ -104,7 +111,8 @@ def _peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def _resolve_base(base: str) -> Path:
+def _resolve_base(base: str) -> tuple[Path, bool]:
+    """The pipeline directory of `base` and whether it is SDXL InstructPix2Pix."""
     from services.common.diffusion import (
         ModelUnavailable,
         pipeline_class_name,
@@ -116,14 +124,9 @@ def _resolve_base(base: str) -> Path:
         name = pipeline_class_name(directory)
     except ModelUnavailable as exc:
         raise FinetuneError(str(exc)) from exc
-    if name == SDXL_PIPELINE:
-        raise FinetuneError(
-            f"{base} is an SDXL InstructPix2Pix pipeline; fine-tuning supports the SD 1.5 "
-            f"family ({SD15_PIPELINE}) only so far"
-        )
-    if name != SD15_PIPELINE:
+    if name not in (SD15_PIPELINE, SDXL_PIPELINE):
         raise FinetuneError(f"{base} is a {name}, not an InstructPix2Pix pipeline. {HINT}")
-    return directory
+    return directory, name == SDXL_PIPELINE
 
 
 def _check_text_encoder_lora() -> None:
@@ -196,7 +199,7 @@ class _Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         from services.gpu_worker.finetune.data import (
             BucketSampler,
@@ -209,7 +212,12 @@ class _Trainer:
         self.dataset_source = dataset_source
         self.base = base
         self.dest = dest
-        self.base_dir = _resolve_base(base)
+        self.base_dir, self.sdxl = _resolve_base(base)
+        if self.sdxl and config.train_text_encoder:
+            raise FinetuneError(
+                f"{base} is an SDXL InstructPix2Pix pipeline: train_text_encoder is supported "
+                f"for the SD 1.5 family only; train the UNet alone"
+            )
         _forget_accelerator_settings()
         self.accelerator = accel = Accelerator(
             mixed_precision=_mixed_precision(config),
@@ -228,6 +236,13 @@ class _Trainer:
         d = self.base_dir
         self.tokenizer = CLIPTokenizer.from_pretrained(d, subfolder="tokenizer")
         self.text_encoder = CLIPTextModel.from_pretrained(d, subfolder="text_encoder")
+        self.tokenizer_2 = self.text_encoder_2 = None
+        if self.sdxl:
+            self.tokenizer_2 = CLIPTokenizer.from_pretrained(d, subfolder="tokenizer_2")
+            self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                d, subfolder="text_encoder_2"
+            )
+            self.text_encoder_2.requires_grad_(False)
         self.vae = AutoencoderKL.from_pretrained(d, subfolder="vae")
         self.unet = UNet2DConditionModel.from_pretrained(d, subfolder="unet")
         self.noise_scheduler = DDPMScheduler.from_pretrained(d, subfolder="scheduler")
@@ -268,7 +283,11 @@ class _Trainer:
         # Frozen weights in the autocast dtype; trained weights stay float32.
         half = self.weight_dtype != torch.float32
         frozen = {"dtype": self.weight_dtype} if half else {}
-        self.vae.to(self.device, **frozen)
+        # SDXL's VAE overflows in fp16: it stays float32 (diffusers' SDXL script does too).
+        self.vae_dtype = torch.float32 if self.sdxl else self.weight_dtype
+        self.vae.to(self.device, **({"dtype": self.vae_dtype} if half or self.sdxl else {}))
+        if self.text_encoder_2 is not None:
+            self.text_encoder_2.to(self.device, **frozen)
         if config.mode == "lora":
             self.unet.to(self.device, **frozen)
             self.text_encoder.to(self.device, **frozen)
@@ -338,6 +357,8 @@ class _Trainer:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed * 1_000_003 + self.rank)
         self.null_ids = self._tokenize([""])
+        if self.sdxl:  # the frozen encoders' embeddings of the empty prompt
+            self.null_sdxl = self._encode_sdxl([""])
         self.step = 0
         self.resumed_from: int | None = None
         self.metrics_registry = metrics_registry
@@ -346,16 +367,29 @@ class _Trainer:
             from prometheus_client import Gauge
 
             self._gauges = (
-                Gauge("instructedit_finetune_step", "Fine-tuning step", registry=metrics_registry),
-                Gauge("instructedit_finetune_loss", "Fine-tuning loss", registry=metrics_registry),
+                # "livemostrecent": on the worker's multiprocess /metrics, a dead pool
+                # child's series go with it.
+                Gauge(
+                    "instructedit_finetune_step",
+                    "Fine-tuning step",
+                    registry=metrics_registry,
+                    multiprocess_mode="livemostrecent",
+                ),
+                Gauge(
+                    "instructedit_finetune_loss",
+                    "Fine-tuning loss",
+                    registry=metrics_registry,
+                    multiprocess_mode="livemostrecent",
+                ),
             )
 
     # -- the objective --------------------------------------------------------------
 
-    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(
+    def _tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
+        tokenizer = tokenizer or self.tokenizer
+        return tokenizer(
             prompts,
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             padding="max_length",
             truncation=True,
             return_tensors="pt",
@@ -368,14 +402,28 @@ class _Trainer:
         with torch.no_grad():
             return encoder(ids)[0]
 
+    @torch.no_grad()
+    def _encode_sdxl(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's (prompt embeds, pooled embeds): both (frozen) encoders' penultimate hidden
+        states concatenated, and text_encoder_2's projected pooled output."""
+        hidden = []
+        for tokenizer, encoder in (
+            (self.tokenizer, self.text_encoder),
+            (self.tokenizer_2, self.text_encoder_2),
+        ):
+            output = encoder(self._tokenize(prompts, tokenizer), output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+        pooled = output[0]  # text_encoder_2's text_embeds
+        return torch.cat(hidden, dim=-1), pooled
+
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         gen = self.generator
-        edited = batch["edited_pixel_values"].to(self.device, self.weight_dtype)
-        original = batch["original_pixel_values"].to(self.device, self.weight_dtype)
+        edited = batch["edited_pixel_values"].to(self.device, self.vae_dtype)
+        original = batch["original_pixel_values"].to(self.device, self.vae_dtype)
         with torch.no_grad():
             latents = self.vae.encode(edited).latent_dist.sample(generator=gen)
-            latents = latents * self.vae.config.scaling_factor
-            original_embeds = self.vae.encode(original).latent_dist.mode()
+            latents = (latents * self.vae.config.scaling_factor).to(self.weight_dtype)
+            original_embeds = self.vae.encode(original).latent_dist.mode().to(self.weight_dtype)
         bsz = latents.shape[0]
         noise = torch.randn(latents.shape, generator=gen, device=self.device, dtype=latents.dtype)
         timesteps = torch.randint(
@@ -386,12 +434,22 @@ class _Trainer:
             device=self.device,
         ).long()
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden = self._encode_text(self._tokenize(batch["prompts"]))
+        unet_kwargs = {}
+        if self.sdxl:
+            hidden, pooled = self._encode_sdxl(batch["prompts"])
+        else:
+            hidden = self._encode_text(self._tokenize(batch["prompts"]))
         prob = self.config.conditioning_dropout_prob
         if prob > 0:
             random_p = torch.rand(bsz, device=self.device, generator=gen)
             prompt_mask, image_mask = conditioning_dropout_masks(random_p, prob)
-            null = self._encode_text(self.null_ids)
+            if self.sdxl:
+                null, null_pooled = self.null_sdxl
+                pooled = torch.where(
+                    prompt_mask.reshape(bsz, 1), null_pooled.to(pooled.dtype), pooled
+                )
+            else:
+                null = self._encode_text(self.null_ids)
             hidden = torch.where(prompt_mask.reshape(bsz, 1, 1), null.to(hidden.dtype), hidden)
             image_mask = image_mask.to(original_embeds.dtype).reshape(bsz, 1, 1, 1)
             original_embeds = image_mask * original_embeds
@@ -403,7 +461,15 @@ class _Trainer:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             raise FinetuneError(f"unknown prediction type {prediction_type!r}")
-        pred = self.prepared["unet"](model_input, timesteps, hidden).sample
+        if self.sdxl:
+            # original_size + crops_coords_top_left + target_size: the bucket, uncropped.
+            h, w = edited.shape[-2:]
+            time_ids = torch.tensor([h, w, 0, 0, h, w], device=self.device, dtype=hidden.dtype)
+            unet_kwargs["added_cond_kwargs"] = {
+                "text_embeds": pooled,
+                "time_ids": time_ids.repeat(bsz, 1),
+            }
+        pred = self.prepared["unet"](model_input, timesteps, hidden, **unet_kwargs).sample
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
     def train_step(self) -> float:
@@ -530,10 +596,27 @@ class _Trainer:
     # -- outputs --------------------------------------------------------------------
 
     def _pipeline(self):
-        from diffusers import StableDiffusionInstructPix2PixPipeline, schedulers
+        from diffusers import (
+            StableDiffusionInstructPix2PixPipeline,
+            StableDiffusionXLInstructPix2PixPipeline,
+            schedulers,
+        )
 
         config = json.loads((self.base_dir / "scheduler" / "scheduler_config.json").read_text())
         scheduler = getattr(schedulers, config["_class_name"]).from_config(config)
+        if self.sdxl:
+            # The base's pipeline options (force_zeros_for_empty_prompt, is_cosxl_edit...)
+            # with these components: from_pretrained loads none that are given.
+            return StableDiffusionXLInstructPix2PixPipeline.from_pretrained(
+                self.base_dir,
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                unet=self.accelerator.unwrap_model(self.unet),
+                scheduler=scheduler,
+            )
         return StableDiffusionInstructPix2PixPipeline(
             vae=self.vae,
             text_encoder=self.accelerator.unwrap_model(self.text_encoder),
@@ -567,11 +650,14 @@ class _Trainer:
                     row = self.holdout.row(i)
                     size = bucket_for(*row.input.size, self.resolution)
                     generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+                    # SDXL's pipeline renders at its default size unless told the image's.
+                    sized = {"width": size[0], "height": size[1]} if self.sdxl else {}
                     image = pipe(
                         row.prompt,
                         image=row.input.resize(size),
                         num_inference_steps=self.config.validation_inference_steps,
                         generator=generator,
+                        **sized,
                     ).images[0]
                     image.save(out / f"{i:03d}.png")
                     (out / f"{i:03d}.txt").write_text(row.prompt + "\n")
@@ -581,7 +667,10 @@ class _Trainer:
         return out
 
     def export(self) -> tuple[Path | None, Path | None]:
-        from diffusers import StableDiffusionInstructPix2PixPipeline
+        from diffusers import (
+            StableDiffusionInstructPix2PixPipeline,
+            StableDiffusionXLInstructPix2PixPipeline,
+        )
 
         if not self.accelerator.is_main_process:
             return None, None
@@ -597,6 +686,15 @@ class _Trainer:
                 text_layers = convert_state_dict_to_diffusers(
                     get_peft_model_state_dict(text_encoder)
                 )
+            if self.sdxl:  # the UNet's layers only: SDXL's text encoders are not trained
+                StableDiffusionXLInstructPix2PixPipeline.save_lora_weights(
+                    adapter,
+                    unet_lora_layers=convert_state_dict_to_diffusers(
+                        get_peft_model_state_dict(unet)
+                    ),
+                    safe_serialization=True,
+                )
+                return adapter, None
             StableDiffusionInstructPix2PixPipeline.save_lora_weights(
                 adapter,
                 unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
