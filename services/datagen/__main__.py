@@ -8,6 +8,7 @@ listing it in ``COMMANDS``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -157,8 +158,47 @@ def run_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_audit_command(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "audit",
+        help="check caption rows (JSON Lines) against data-quality rules",
+        description=(
+            "Report, per rule, the rows that break it, with counts and examples. "
+            "Exit status: 0 clean, 1 some rule broken, 2 unreadable input."
+        ),
+    )
+    parser.add_argument("rows", help="JSON Lines file as written by the text command")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--examples",
+        type=_non_negative_int,
+        default=3,
+        help="example rows shown per rule (default 3)",
+    )
+    parser.set_defaults(handler=run_audit)
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from services.datagen.audit import AuditInputError, audit_rows, read_rows
+
+    try:
+        report = audit_rows(read_rows(args.rows), examples=args.examples)
+    except AuditInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(report.format_table())
+    return 0 if report.clean else 1
+
+
 # Subcommand registrars, in help order.
-COMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_text_command, add_run_command)
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    add_text_command,
+    add_run_command,
+    add_audit_command,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
