@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -34,6 +33,7 @@ from services.common.listing import owner_index_key, page
 # The task the API queues for a (re)queued run: it enqueues the run's chunk tasks on a
 # datagen worker, so that a post's time does not grow with the run's size.
 from services.common.queues import DATAGEN_PLAN_TASK  # noqa: F401  (re-exported)
+from services.common.redis_cas import compare_and_set
 
 MAX_ROWS_PER_RUN = 1_000_000
 # Caption rows a spec may give itself (``rows``).
@@ -380,24 +380,17 @@ class RunStore:
         it (and a heartbeat, with ``beat``; and what ``also(pipe, record)`` adds) if
         neither the record nor the heartbeat changed meanwhile; retry otherwise."""
         keys = (self._key(run_id), self._key(run_id, "heartbeat"))
-        while True:
-            with self.redis.pipeline() as pipe:
-                try:
-                    pipe.watch(*keys)
-                    updated = change(self._record(pipe, run_id))
-                    if updated is None:
-                        pipe.unwatch()
-                        return None
-                    pipe.multi()
-                    self._write(pipe, updated)
-                    if beat:
-                        pipe.set(keys[1], repr(utcnow().timestamp()), ex=self.ttl_s)
-                    if also is not None:
-                        also(pipe, updated)
-                    pipe.execute()
-                    return updated
-                except redis.WatchError:
-                    time.sleep(0.001)
+
+        def write(pipe, updated: DatasetRun) -> None:
+            self._write(pipe, updated)
+            if beat:
+                pipe.set(keys[1], repr(utcnow().timestamp()), ex=self.ttl_s)
+            if also is not None:
+                also(pipe, updated)
+
+        return compare_and_set(
+            self.redis, keys, lambda pipe: self._record(pipe, run_id), change, write
+        )
 
     def transition(
         self,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -27,6 +26,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from services.common.jobs import utcnow
 from services.common.listing import owner_index_key, page
+from services.common.redis_cas import compare_and_set
 from services.gpu_worker.finetune.config import FinetuneConfig
 
 DATASET_ID_PATTERN = r"^[0-9a-f]{20}$"
@@ -214,24 +214,17 @@ class FinetuneStore:
         """Read the record, let ``change`` decide the new one (None: write nothing), and
         write it if the record did not change meanwhile; retry otherwise."""
         key = self._key(finetune_id)
-        while True:
-            with self.redis.pipeline() as pipe:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    current = Finetune.model_validate_json(raw) if raw is not None else None
-                    updated = change(current)
-                    if updated is None:
-                        pipe.unwatch()
-                        return None
-                    pipe.multi()
-                    pipe.set(key, updated.model_dump_json(), ex=self.ttl_s)
-                    if also is not None:
-                        also(pipe, updated)
-                    pipe.execute()
-                    return updated
-                except redis.WatchError:
-                    time.sleep(0.001)
+
+        def read(pipe) -> Finetune | None:
+            raw = pipe.get(key)
+            return Finetune.model_validate_json(raw) if raw is not None else None
+
+        def write(pipe, updated: Finetune) -> None:
+            pipe.set(key, updated.model_dump_json(), ex=self.ttl_s)
+            if also is not None:
+                also(pipe, updated)
+
+        return compare_and_set(self.redis, [key], read, change, write)
 
     def transition(
         self,

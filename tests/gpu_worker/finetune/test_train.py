@@ -37,11 +37,6 @@ def fast_config(**overrides) -> FinetuneConfig:
 
 
 @pytest.fixture(scope="module")
-def four_rows(tmp_path_factory):
-    return str(write_tiny_export(tmp_path_factory.mktemp("export") / "four", rows=4, seed=0))
-
-
-@pytest.fixture(scope="module")
 def overfit(four_rows, tiny_model_dir, tmp_path_factory):
     """30 LoRA steps at a high learning rate on 4 rows (one batch), no dropout."""
     dest = tmp_path_factory.mktemp("overfit")

@@ -13,24 +13,7 @@ from PIL import Image
 from services.gpu_worker.finetune.config import FinetuneConfig
 from services.gpu_worker.finetune.train import FinetuneError, run_finetune
 from tests.gpu_worker.finetune.make_dataset import write_tiny_export
-
-# 64 px: the tiny model's smallest bucket (8x8 latents).
-FAST = {
-    "resolution": 64,
-    "holdout_rows": 0,
-    "validation_every": 0,
-    "checkpoint_every": 1000,
-    "log_every": 1,
-}
-
-
-def fast_config(**overrides) -> FinetuneConfig:
-    return FinetuneConfig(**{**FAST, **overrides})
-
-
-@pytest.fixture(scope="module")
-def four_rows(tmp_path_factory):
-    return str(write_tiny_export(tmp_path_factory.mktemp("export") / "four", rows=4, seed=0))
+from tests.gpu_worker.finetune.test_train import fast_config
 
 
 def _stock(directory):
