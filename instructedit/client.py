@@ -325,7 +325,8 @@ class Datasets:
 
     def create(self, **spec: Any) -> dict[str, Any]:
         """Start (or resume) a run of `spec` (the API's DatasetSpec: ``num_rows`` and
-        ``seed``, or ``rows``; ``pairs_per_row``, ``filter``, ...). Returns the run."""
+        ``seed``, or ``rows``, or your own ``captions``; ``pairs_per_row``, ``filter``, ...).
+        Returns the run."""
         headers = {"Idempotency-Key": str(uuid.uuid4())}
         return self._client._json("POST", "/v1/datasets", json=spec, headers=headers)
 

@@ -39,6 +39,18 @@ class APIError(InstructEditError):
         self.retry_after = retry_after
         self.response = response
 
+    @property
+    def details(self) -> list[dict] | None:
+        """The error's item-by-item details where the API gives them (the captions it
+        could not map, the rows each audit rule rejects); None otherwise."""
+        if self.response is None:
+            return None
+        try:
+            details = self.response.json().get("error", {}).get("details")
+        except (ValueError, AttributeError):
+            return None
+        return details if isinstance(details, list) else None
+
     def __str__(self) -> str:
         status = f"{self.status_code} " if self.status_code is not None else ""
         return f"{status}{self.code}: {self.message}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import redis
 from botocore.exceptions import BotoCoreError
@@ -20,6 +21,9 @@ log = logging.getLogger(__name__)
 class ErrorBody(BaseModel):
     code: str
     message: str
+    # What exactly was wrong, item by item, where a request has many parts (the captions
+    # that could not be mapped, the rows an audit rule rejects); absent otherwise.
+    details: list[dict[str, Any]] | None = None
 
 
 class ErrorResponse(BaseModel):
@@ -28,7 +32,12 @@ class ErrorResponse(BaseModel):
 
 class APIError(Exception):
     def __init__(
-        self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+        self,
+        status_code: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        details: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -36,11 +45,20 @@ class APIError(Exception):
         self.message = message
         # What the status needs beside the body: WWW-Authenticate, Retry-After.
         self.headers = headers or {}
+        self.details = details
 
 
-def error_response(status_code: int, code: str, message: str, **headers: str) -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(code=code, message=message))
-    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers or None)
+def error_response(
+    status_code: int,
+    code: str,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    **headers: str,
+) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(code=code, message=message, details=details))
+    return JSONResponse(
+        body.model_dump(exclude_none=True), status_code=status_code, headers=headers or None
+    )
 
 
 def job_store_unavailable() -> APIError:
@@ -133,4 +151,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _as_response(exc: APIError) -> JSONResponse:
-    return error_response(exc.status_code, exc.code, exc.message, **exc.headers)
+    return error_response(exc.status_code, exc.code, exc.message, exc.details, **exc.headers)

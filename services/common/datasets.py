@@ -25,7 +25,7 @@ from enum import StrEnum
 from typing import Any
 
 import redis
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.common.jobs import utcnow
 from services.common.listing import owner_index_key, page
@@ -34,6 +34,7 @@ from services.common.listing import owner_index_key, page
 # datagen worker, so that a post's time does not grow with the run's size.
 from services.common.queues import DATAGEN_PLAN_TASK  # noqa: F401  (re-exported)
 from services.common.redis_cas import compare_and_set
+from services.common.schedulers import Scheduler
 
 MAX_ROWS_PER_RUN = 1_000_000
 # Caption rows a spec may give itself (``rows``).
@@ -63,31 +64,175 @@ MAX_ROW_JSON_BYTES = 1_600
 MAX_SPEC_BYTES = MAX_SPEC_ROWS * MAX_ROW_JSON_BYTES + 64 * 1024
 
 
+# Candidates per row when the filter is on and the spec does not say: InstructPix2Pix's
+# generate_img_dataset.py --n-samples 100.
+DEFAULT_FILTERED_CANDIDATES = 100
+MAX_CANDIDATES_PER_ROW = 200
+# Samplers a run may name (services.common.schedulers); LCM needs an LCM model.
+DATAGEN_SCHEDULERS = tuple(name for name in Scheduler if name is not Scheduler.lcm)
+
+
 class _SpecOptions(BaseModel):
     """What a spec says besides the rows it gives (shared by the spec a client posts and
-    the spec a run's record keeps)."""
+    the spec a run's record keeps). Defaults are InstructPix2Pix's image-side recipe
+    (docs/DATAGEN.md, "Image pairs: InstructPix2Pix's recipe")."""
 
     num_rows: int | None = Field(None, ge=1, le=MAX_ROWS_PER_RUN)
     seed: int = Field(0, ge=0, le=2**32 - 1)
-    pairs_per_row: int = Field(4, ge=1, le=16)
+    pairs_per_row: int = Field(
+        4,
+        ge=1,
+        le=16,
+        description="Image pairs kept per caption row at most (InstructPix2Pix: max_out_samples 4)",
+    )
+    candidates_per_row: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CANDIDATES_PER_ROW,
+        description="Candidate pairs a row may generate to find its pairs_per_row "
+        "passing ones (generation stops once enough pass); null: 100 with the filter on "
+        "(InstructPix2Pix's n_samples), pairs_per_row with it off",
+    )
+    candidate_batch_size: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Candidates denoised together in one UNet batch (4 UNet rows each)",
+    )
     model: str | None = Field(
         None,
         description="The text-to-image model: one of the ids the server allows "
         "(its `datagen_models` setting); null: the server's default",
     )
-    num_inference_steps: int = Field(50, ge=1, le=200)
+    scheduler: Scheduler | None = Field(
+        Scheduler.euler_ancestral,
+        description="The sampler (InstructPix2Pix: Euler ancestral); null: the model's "
+        "own scheduler",
+    )
+    num_inference_steps: int = Field(
+        100, ge=1, le=200, description="Denoising steps (InstructPix2Pix: 100)"
+    )
     resolution: int | None = Field(None, ge=64, le=1024, multiple_of=8)
-    p_range: tuple[float, float] = (0.1, 0.9)
-    text_guidance_range: tuple[float, float] = (7.5, 15.0)
-    filter: bool = False
+    p_range: tuple[float, float] = Field(
+        (0.1, 0.9),
+        description="Range of the Prompt-to-Prompt fraction p of the steps whose "
+        "self-attention maps the edited image takes from the input image",
+    )
+    text_guidance_range: tuple[float, float] = Field(
+        (7.5, 15.0), description="Range of the classifier-free text guidance scale"
+    )
+    cross_attention_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of the steps whose cross-attention maps (shared and swapped "
+        "words, the conditional half only) the edited image takes from the input image; "
+        "null or 0: none (InstructPix2Pix copies self-attention only)",
+    )
+    negative_prompt: str | None = Field(
+        None,
+        max_length=300,
+        description="Negative prompt of both images; null: none (InstructPix2Pix)",
+    )
+    filter: bool = Field(True, description="CLIP-filter the candidates (InstructPix2Pix does)")
     clip_model: str | None = Field(
         None,
         description="The CLIP model of the filter: one of the ids the server allows "
         "(its `datagen_clip_models` setting); null: the server's default",
     )
+    min_caption_similarity: float = Field(
+        0.2,
+        ge=-1.0,
+        le=1.0,
+        description="Filter: least CLIP similarity of each image and its caption "
+        "(clip_sim_0, clip_sim_1)",
+    )
+    min_directional_similarity: float = Field(
+        0.2,
+        ge=-1.0,
+        le=1.0,
+        description="Filter: least directional CLIP similarity (clip_sim_dir)",
+    )
+    min_image_similarity: float = Field(
+        0.75,
+        ge=-1.0,
+        le=1.0,
+        description="Filter: least CLIP similarity of the two images (clip_sim_image)",
+    )
+
+    @model_validator(mode="after")
+    def _check_candidates(self) -> _SpecOptions:
+        if self.candidates_per_row is not None and self.candidates_per_row < self.pairs_per_row:
+            raise ValueError("candidates_per_row must be >= pairs_per_row")
+        if self.scheduler is Scheduler.lcm:
+            raise ValueError(f"scheduler must be one of {', '.join(DATAGEN_SCHEDULERS)} (or null)")
+        return self
+
+    @property
+    def candidates(self) -> int:
+        """Candidates per row: the spec's, or 100 with the filter on and pairs_per_row
+        with it off."""
+        if self.candidates_per_row is not None:
+            return self.candidates_per_row
+        return (
+            max(DEFAULT_FILTERED_CANDIDATES, self.pairs_per_row)
+            if self.filter
+            else (self.pairs_per_row)
+        )
 
 
-class RunSpec(_SpecOptions):
+class _TextOptions(BaseModel):
+    """How the text synthesizer writes the caption rows of a `num_rows` run (and which
+    edit types a `captions` run maps to)."""
+
+    edit_types: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Edit types to draw from; null: every type enabled by default (exact "
+        "lettering, text_print, only when named). docs/DATAGEN.md lists them",
+    )
+    max_attributes: int = Field(
+        2,
+        ge=1,
+        le=6,
+        description="Most attribute words (color, material, style...) before the product "
+        "noun of a synthesized caption, so Stable Diffusion binds them all",
+    )
+
+    @field_validator("edit_types")
+    @classmethod
+    def _known_edit_types(cls, names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        # The edit types are the text synthesizer's (pure Python, no model).
+        from services.datagen.text import EDIT_TYPE_NAMES
+
+        unknown = sorted(set(names) - set(EDIT_TYPE_NAMES))
+        if unknown:
+            raise ValueError(f"unknown edit types {unknown}; known: {', '.join(EDIT_TYPE_NAMES)}")
+        return sorted(set(names), key=EDIT_TYPE_NAMES.index)
+
+
+class CaptionIn(BaseModel):
+    """One of the client's own product captions, with what it knows about the product."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    caption: str = Field(min_length=1, max_length=300)
+    category: str | None = Field(None, max_length=64, description="A catalog category")
+    product: str | None = Field(None, max_length=64, description="The catalog noun it shows")
+    attributes: dict[str, str] = Field(
+        default_factory=dict, description="Attribute slot -> value, e.g. {'color': 'black'}"
+    )
+    id: str | int | None = Field(None, description="The client's id, echoed in the rows")
+
+
+# Captions a spec may give; each makes up to edits_per_caption rows, at most
+# MAX_SPEC_ROWS in all.
+MAX_SPEC_CAPTIONS = 2_000
+
+
+class RunSpec(_SpecOptions, _TextOptions):
     """A run's spec as its record keeps (and the API shows) it: rows the client gave are
     stored apart, here only their count and the SHA-256 of their canonical JSON."""
 
@@ -99,15 +244,29 @@ class RunSpec(_SpecOptions):
         return self.rows_count if self.rows_count is not None else self.num_rows
 
 
-class DatasetSpec(_SpecOptions):
-    """Either `rows`, or `num_rows` captions from the synthesizer with `seed`."""
+class DatasetSpec(_SpecOptions, _TextOptions):
+    """One of: `rows` (caption rows written by the client), `num_rows` caption rows from
+    the synthesizer with `seed`, or `captions` (the client's own product captions, which
+    the synthesizer maps to edit instructions and output captions: the paper's mode)."""
 
     rows: list[RowInput] | None = Field(None, min_length=1, max_length=MAX_SPEC_ROWS)
+    captions: list[str | CaptionIn] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_SPEC_CAPTIONS,
+        description="Your own product captions (text, or objects with optional category, "
+        "product and attributes); each is mapped to up to edits_per_caption rows of "
+        "different edit types. Captions that cannot be mapped are refused with the reasons",
+    )
+    edits_per_caption: int = Field(3, ge=1, le=10, description="Rows per caption (captions)")
 
     @model_validator(mode="after")
     def _check(self) -> DatasetSpec:
-        if (self.rows is None) == (self.num_rows is None):
-            raise ValueError("give either rows or num_rows (with seed), not both")
+        given = [name for name in ("rows", "num_rows", "captions") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of rows, num_rows (with seed) or captions")
+        if self.captions and len(self.captions) * self.edits_per_caption > MAX_SPEC_ROWS:
+            raise ValueError(f"captions x edits_per_caption must be at most {MAX_SPEC_ROWS} rows")
         for name, (low, high), limit in (
             ("p_range", self.p_range, 1.0),
             ("text_guidance_range", self.text_guidance_range, 100.0),
@@ -118,7 +277,13 @@ class DatasetSpec(_SpecOptions):
 
     @property
     def total_rows(self) -> int:
+        if self.captions is not None:
+            return len(self.captions) * self.edits_per_caption  # at most
         return len(self.rows) if self.rows is not None else self.num_rows
+
+    def with_rows(self, rows: list[RowInput]) -> DatasetSpec:
+        """This spec with its captions replaced by the rows they were mapped to."""
+        return self.model_copy(update={"captions": None, "rows": rows})
 
     def run_id(self, owner: str | None = None) -> str:
         """The run's id: a hash of the owner's key id and the spec (None: the spec alone,
@@ -134,8 +299,11 @@ class DatasetSpec(_SpecOptions):
         return [json.dumps(row.model_dump(mode="json"), sort_keys=True) for row in self.rows or ()]
 
     def stored(self, row_lines: list[str] | None = None) -> RunSpec:
-        """The spec as a run's record keeps it (``row_lines``: ``row_lines()``, if made)."""
-        options = self.model_dump(exclude={"rows"})
+        """The spec as a run's record keeps it (``row_lines``: ``row_lines()``, if made).
+        A `captions` spec is stored once mapped to rows (``with_rows``)."""
+        if self.captions is not None:
+            raise ValueError("map the captions to rows (with_rows) before storing the spec")
+        options = self.model_dump(exclude={"rows", "captions", "edits_per_caption"})
         if self.rows is None:
             return RunSpec(**options)
         lines = self.row_lines() if row_lines is None else row_lines

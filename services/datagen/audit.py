@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.datagen.text.lexicon import close_repeat
+
 __all__ = [
     "RULES",
     "TEXT_FIELDS",
@@ -166,7 +168,8 @@ INDOOR_TERMS = (
     "kitchen", "bathroom", "bedroom", "living room", "office", "desk", "countertop",
     "vanity", "shelf", "bookshelf", "gym mat", "playroom", "playroom rug", "windowsill",
     "nightstand", "tabletop", "dresser", "closet", "hallway", "studio", "dining table",
-    "coffee table", "sofa", "couch", "bed", "carpet", "rug",
+    "coffee table", "sofa", "couch", "bed", "carpet", "rug", "beach house",
+    "boutique", "store", "shop", "showroom", "lobby", "loft",
 )  # fmt: skip
 INDOOR_LIGHT_TERMS = (
     "indoor light", "indoor lighting", "lamp light", "lamplight", "studio light",
@@ -182,6 +185,36 @@ _INDOOR = _terms_pattern(INDOOR_TERMS)
 _INDOOR_LIGHT = _terms_pattern(INDOOR_LIGHT_TERMS)
 _OUTDOOR = _terms_pattern(OUTDOOR_TERMS)
 _SETTING_SLOTS = ("surface", "place", "background")
+
+
+@functools.lru_cache(maxsize=1)
+def _product_words() -> re.Pattern[str] | None:
+    """Catalog phrases that name a product or its look but contain a scene word
+    ("rain boots", "snow white", "a retro sunset graphic", "table lamp"): masked before
+    the scene words are looked for, so they are not read as weather, a room or a light
+    ("recolor the table lamp light gray" says no "lamp light")."""
+    try:
+        from services.datagen.text import load_catalog
+
+        catalog = load_catalog()
+    except Exception:
+        return None
+    light_words = {word for term in INDOOR_LIGHT_TERMS for word in term.split()}
+    scene = _terms_pattern((*WEATHER_TERMS, *INDOOR_TERMS, *OUTDOOR_TERMS, *light_words))
+    terms: set[str] = {*catalog.logos, *catalog.patterns, *catalog.patterns.values()}
+    for category in catalog.categories:
+        terms.update(category.companions)
+        for product in category.products:
+            terms.add(product.noun)
+            for values in product.values.values():
+                terms.update(values)
+    with_scene_words = [term for term in terms if scene.search(term.lower())]
+    return _terms_pattern(with_scene_words) if with_scene_words else None
+
+
+def _masked(text: str) -> str:
+    pattern = _product_words()
+    return pattern.sub(" ", text.lower()) if pattern is not None else text.lower()
 
 
 def _setting_text(row: dict[str, Any]) -> str:
@@ -200,9 +233,10 @@ def _added_terms(pattern: re.Pattern[str], row: dict[str, Any]) -> list[str]:
     Terms already in the input caption are most likely part of the product
     ("snow boots", "desk lamp"), so they are not counted as brought by the edit.
     """
-    before = set(_found(pattern, row["input_caption"]))
-    added = _found(pattern, row["instruction"])
-    added += [term for term in _found(pattern, row["output_caption"]) if term not in before]
+    before = set(_found(pattern, _masked(row["input_caption"])))
+    added = _found(pattern, _masked(row["instruction"]))
+    output = _found(pattern, _masked(row["output_caption"]))
+    added += [term for term in output if term not in before]
     return list(dict.fromkeys(added))
 
 
@@ -214,39 +248,23 @@ def setting_contradiction(row: dict[str, Any]) -> Iterator[tuple[str, str, str]]
     impossible scene: the edited image either ignores the instruction or
     breaks the scene, and the pair teaches the editor to do the same.
     """
-    setting = _setting_text(row)
+    setting = _masked(_setting_text(row))
     indoor = _found(_INDOOR, setting)
     weather = _added_terms(_WEATHER, row)
     if indoor and weather:
         fld = "instruction" if _found(_WEATHER, row["instruction"]) else "output_caption"
         yield fld, row[fld], f"{weather[0]!r} indoors ({indoor[0]!r})"
         return
-    outdoor = _found(_OUTDOOR, setting)
-    lights = _added_terms(_INDOOR_LIGHT, row) or _found(_INDOOR_LIGHT, row["output_caption"])
+    # "a beach house" is indoors: room words are taken out before outdoor words are sought.
+    outdoor = _found(_OUTDOOR, _INDOOR.sub(" ", setting))
+    lights = _added_terms(_INDOOR_LIGHT, row) or _found(
+        _INDOOR_LIGHT, _masked(row["output_caption"])
+    )
     if outdoor and lights:
         yield "output_caption", row["output_caption"], f"{lights[0]!r} outdoors ({outdoor[0]!r})"
 
 
 # --- duplicated_words --------------------------------------------------------
-
-_WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
-# Function words may repeat close together ("a ring on a desk").
-STOPWORDS = (
-    "a", "an", "the", "of", "and", "or", "with", "on", "in", "at", "to", "it", "its",
-    "it's", "by", "for", "from", "as", "is", "be", "into", "onto",
-)  # fmt: skip
-_STOPWORDS = frozenset(STOPWORDS)
-_SUFFIXES = ("ings", "ing", "ed", "es", "s", "e", "y")
-_STEM_WINDOW = 3
-# Stems whose near repeats are ordinary English ("change the lighting to neon light").
-_STEM_ALLOWED = frozenset({"light"})
-
-
-def _stem(word: str) -> str:
-    for suffix in _SUFFIXES:
-        if word.endswith(suffix) and len(word) - len(suffix) >= 4:
-            return word[: -len(suffix)]
-    return word
 
 
 @_per_row
@@ -257,21 +275,8 @@ def duplicated_words(row: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
     glitches; a text encoder learns them as if they were real phrasing.
     """
     for fld in TEXT_FIELDS:
-        words = _WORD.findall(row[fld].lower())
-        for i, word in enumerate(words):
-            hit = None
-            if i and words[i - 1] == word:
-                hit = f"{word!r} twice in a row"
-            elif word not in _STOPWORDS:
-                stem = _stem(word)
-                for j in range(max(0, i - _STEM_WINDOW), i):
-                    other = words[j]
-                    if other not in _STOPWORDS and _stem(other) == stem not in _STEM_ALLOWED:
-                        hit = f"{other!r} ... {word!r}"
-                        break
-            if hit:
-                yield fld, row[fld], hit
-                break
+        if hit := close_repeat(row[fld]):
+            yield fld, row[fld], hit
 
 
 # --- stacked_adjectives -------------------------------------------------------

@@ -1,8 +1,13 @@
 """One dataset run, row by row into storage, then exported for fine-tuning.
 
-The Celery tasks and the `run` command both drive this class. Each row is stored as its
-kept pairs' PNGs followed by a row manifest (JSON); the manifest is written last, so its
-presence means the row is complete. Re-running a row that has a manifest is skipped:
+The Celery tasks and the `run` command both drive this class. A row tries up to
+``spec.candidates`` candidate pairs, ``spec.candidate_batch_size`` per UNet batch, each
+batch CLIP-scored as soon as it is made (with ``spec.filter``), and stops once
+``spec.pairs_per_row`` candidates have passed: those first passing ones, in candidate
+order, are kept. A row where none passes keeps no pair (and a run that keeps none at all
+fails, ``no_pairs_kept``). Each row is stored as its kept pairs' PNGs followed by a row
+manifest (JSON); the manifest is written last, so its presence means the row is
+complete. Re-running a row that has a manifest is skipped:
 restarting workers or resubmitting a run never generates anything twice and loses
 nothing already made.
 
@@ -66,12 +71,14 @@ class RowOutcome:
 
 
 @lru_cache(maxsize=4)
-def _synthesized(num_rows: int, seed: int) -> tuple:
+def _synthesized(
+    num_rows: int, seed: int, edit_types: tuple[str, ...] | None, max_attributes: int
+) -> tuple:
     from services.datagen.text import synthesize
 
     # The synthesizer is sequential (uniqueness across rows): build the run's rows once
     # per process and index into them.
-    return tuple(synthesize(num_rows, seed))
+    return tuple(synthesize(num_rows, seed, edit_types=edit_types, max_attributes=max_attributes))
 
 
 # row_at(index): a caption row of the rows a run's spec gave, as stored apart from its
@@ -89,7 +96,8 @@ def caption_row(spec: DatasetSpec | RunSpec, index: int, row_at: RowSource | Non
         if row_at is None:
             raise ValueError("the spec's rows are stored apart: give row_at to read them")
         return CaptionRow(index=index, **row_at(index).model_dump())
-    return _synthesized(spec.num_rows, spec.seed)[index]
+    edit_types = tuple(spec.edit_types) if spec.edit_types is not None else None
+    return _synthesized(spec.num_rows, spec.seed, edit_types, spec.max_attributes)[index]
 
 
 def model_name(spec: DatasetSpec | RunSpec, default_model: str) -> str:
@@ -128,6 +136,7 @@ class DatasetBuilder:
             pairs_per_row=spec.pairs_per_row,
             p_range=spec.p_range,
             text_guidance_range=spec.text_guidance_range,
+            candidates_per_row=spec.candidates,
         )
 
     def process_row(self, index: int) -> RowOutcome:
@@ -139,18 +148,22 @@ class DatasetBuilder:
             raise RuntimeError("this DatasetBuilder has no generator: it can only export")
         row = caption_row(self.spec, index, self.row_at)
         params = pair_params_for_row(self.spec.seed, index, self.sampling)
-        # Steps and size per call: the worker's one loaded pipeline serves every run.
-        pairs = self.generator.generate_row(
+        # Options per call: the worker's one loaded pipeline serves every run.
+        spec = self.spec
+        result = self.generator.generate_candidates(
             row,
             params,
-            num_inference_steps=self.spec.num_inference_steps,
-            height=self.spec.resolution,
-            width=self.spec.resolution,
+            judge=self._judge if spec.filter else None,
+            keep=spec.pairs_per_row,
+            num_inference_steps=spec.num_inference_steps,
+            height=spec.resolution,
+            width=spec.resolution,
+            scheduler=spec.scheduler.value if spec.scheduler is not None else None,
+            negative_prompt=spec.negative_prompt or "",
+            cross_attention_fraction=spec.cross_attention_fraction or 0.0,
+            batch_size=spec.candidate_batch_size,
         )
-        kept = pairs
-        if self.spec.filter:
-            result = self.clip.filter_row(pairs)
-            kept, pairs = result.kept, result.scored
+        kept, pairs = result.kept, result.generated
         entries = []
         for pair in kept:
             images = {}
@@ -168,6 +181,15 @@ class DatasetBuilder:
         }
         self.storage.put(key, json.dumps(manifest).encode(), "application/json")
         return RowOutcome(index, len(pairs), len(kept), False)
+
+    def _judge(self, pairs: list[ImagePair]) -> tuple[list[ImagePair], list[bool]]:
+        """CLIP scores of a batch of candidates and whether each clears the spec's
+        thresholds."""
+        from services.datagen.clip_filter import passes
+
+        scored = self.clip.score(pairs)
+        # The spec names its thresholds as ClipFilterConfig does.
+        return scored, [passes(pair.scores, self.spec) for pair in scored]
 
     def _stored_row(self, index: int) -> list[ImagePair]:
         """A stored row's kept pairs, their pictures as the stored PNG bytes."""
@@ -217,13 +239,31 @@ class DatasetBuilder:
         generation = {
             "rows": self.spec.total_rows,
             "pairs_per_row": self.spec.pairs_per_row,
+            "candidates_per_row": self.spec.candidates,
             "model": self.model,
+            "scheduler": self.spec.scheduler.value if self.spec.scheduler else "the model's own",
             "num_inference_steps": self.spec.num_inference_steps,
             "p_range": list(self.spec.p_range),
             "text_guidance_range": list(self.spec.text_guidance_range),
+            "cross_attention_fraction": self.spec.cross_attention_fraction,
+            "negative_prompt": self.spec.negative_prompt,
             "filter": self.spec.filter,
+            **(
+                {
+                    name: getattr(self.spec, name)
+                    for name in (
+                        "min_caption_similarity",
+                        "min_directional_similarity",
+                        "min_image_similarity",
+                    )
+                }
+                if self.spec.filter
+                else {}
+            ),
             "seed": self.spec.seed,
         }
+        # Options left unset (no cross-attention, no negative prompt) are not listed.
+        generation = {name: value for name, value in generation.items() if value is not None}
         with DatasetWriter(
             self.storage,
             export_prefix(self.run_id),
@@ -257,12 +297,19 @@ def _metadata(pair: ImagePair) -> dict:
 
 
 def generator_for(spec: DatasetSpec | RunSpec, default_model: str, device: str):
-    """The process-wide pair generator for a spec's model (steps and size are passed per
-    row, so runs that differ only in those share it)."""
+    """The process-wide pair generator for a spec's model (steps, size, sampler, negative
+    prompt, cross-attention fraction and batch size are passed per row, so runs that
+    differ only in those share it). Cross-attention layers are always controlled: they
+    run plain SDPA whenever a run injects none."""
     from services.datagen.pair_pipeline import PairGeneratorConfig, get_pair_generator
+    from services.datagen.prompt_to_prompt import ALL_CROSS_ATTENTION
 
     return get_pair_generator(
-        PairGeneratorConfig(model=model_name(spec, default_model), device=device)
+        PairGeneratorConfig(
+            model=model_name(spec, default_model),
+            device=device,
+            cross_attention_layers=ALL_CROSS_ATTENTION,
+        )
     )
 
 

@@ -9,10 +9,14 @@ Every pair gets four CLIP scores (InstructPix2Pix's names), all recorded:
 * ``clip_sim_image``: cos(image 0, image 1), the edit kept the picture recognisable.
 
 A pair passes when both caption similarities are >= 0.2, the directional one >= 0.2 and
-the image one >= 0.75 (the defaults); of a row's passing pairs, the best
-``max_pairs_per_row`` (4) by directional similarity are kept. Off by default in the
-generator; any CLIP checkpoint works (default ``openai/clip-vit-large-patch14``, the
-ViT-L/14 InstructPix2Pix used).
+the image one >= 0.75 (the defaults: InstructPix2Pix's paper; a dataset spec sets its own
+as ``min_caption_similarity``, ``min_directional_similarity``, ``min_image_similarity``).
+A dataset run judges its candidates batch by batch and keeps the first
+``pairs_per_row`` passing ones (``builder``); ``filter_row``/``select_pairs`` keep, of a
+row's passing pairs, the best ``max_pairs_per_row`` (4) by directional similarity, as
+InstructPix2Pix's script does once all its candidates are made. On by default in dataset
+specs; any CLIP checkpoint works (default ``openai/clip-vit-large-patch14``, the ViT-L/14
+InstructPix2Pix used).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +75,18 @@ class FilterResult:
     scored: list[ImagePair]
 
 
-def passes(scores: Mapping[str, float], config: ClipFilterConfig) -> bool:
+class Thresholds(Protocol):
+    """What ``passes`` reads: a ClipFilterConfig, or a dataset spec."""
+
+    @property
+    def min_caption_similarity(self) -> float: ...
+    @property
+    def min_directional_similarity(self) -> float: ...
+    @property
+    def min_image_similarity(self) -> float: ...
+
+
+def passes(scores: Mapping[str, float], config: Thresholds) -> bool:
     """Whether one pair's scores clear every threshold."""
     return (
         scores["clip_sim_0"] >= config.min_caption_similarity

@@ -6,8 +6,11 @@ with p and the classifier-free text guidance drawn from ranges, because no singl
 setting suits every edit: a colour change needs attention kept for most steps, a
 "make it a watercolor painting" very few. The values are recorded with each pair.
 
-Parameters are a pure function of (run seed, row index, pair index): a row regenerated
-alone, on another worker or in another order, gets the very same pairs.
+A row has *candidates* (InstructPix2Pix: 100 per caption pair) of which at most
+``pairs_per_row`` are kept (4) once the CLIP filter has judged them. A pair's
+``pair_index`` is its candidate index. Parameters are a pure function of (run seed, row
+index, candidate index): a row regenerated alone, on another worker or in another order,
+gets the very same candidates.
 
 This module needs neither torch nor a model, so exporters and services can import it.
 """
@@ -74,17 +77,30 @@ def _check_range(name: str, value: tuple[float, float], low: float, high: float)
 
 @dataclass(frozen=True, slots=True)
 class PairSampling:
-    """How many pairs per row, and the ranges p and text guidance are drawn from."""
+    """How many pairs a row keeps, how many candidates it may try for them, and the
+    ranges p and text guidance are drawn from."""
 
     pairs_per_row: int = DEFAULT_PAIRS_PER_ROW
     p_range: tuple[float, float] = DEFAULT_P_RANGE
     text_guidance_range: tuple[float, float] = DEFAULT_TEXT_GUIDANCE_RANGE
+    # Candidates per row; None = pairs_per_row (no filter: every candidate is kept).
+    candidates_per_row: int | None = None
 
     def __post_init__(self) -> None:
         if self.pairs_per_row < 1:
             raise ValueError(f"pairs_per_row must be >= 1, got {self.pairs_per_row}")
+        if self.candidates_per_row is not None and self.candidates_per_row < self.pairs_per_row:
+            raise ValueError(
+                f"candidates_per_row ({self.candidates_per_row}) must be >= pairs_per_row "
+                f"({self.pairs_per_row})"
+            )
         _check_range("p_range", self.p_range, 0.0, 1.0)
         _check_range("text_guidance_range", self.text_guidance_range, 0.0, 100.0)
+
+    @property
+    def candidates(self) -> int:
+        """Candidates per row."""
+        return self.candidates_per_row or self.pairs_per_row
 
 
 def _rng(run_seed: int, row_index: int, pair_index: int) -> random.Random:
@@ -117,11 +133,12 @@ def sample_pair_params(
 def pair_params_for_row(
     run_seed: int, row_index: int, sampling: PairSampling | None = None
 ) -> list[PairParams]:
-    """All ``sampling.pairs_per_row`` pairs of one row, by pair index."""
+    """All ``sampling.candidates`` candidates of one row, by candidate (pair) index.
+    Candidate i is the same whatever the number of candidates."""
     sampling = sampling or PairSampling()
     return [
         sample_pair_params(run_seed, row_index, index, sampling)
-        for index in range(sampling.pairs_per_row)
+        for index in range(sampling.candidates)
     ]
 
 

@@ -23,8 +23,16 @@ Batch layout, for P pairs denoised together (index = guidance * 2P + 2 * pair + 
     [uncond in_0, uncond out_0, ..., uncond in_P-1, uncond out_P-1,
      text   in_0, text   out_0, ..., text   in_P-1, text   out_P-1]
 
-Both classifier-free-guidance halves are injected, as in InstructPix2Pix. Each pair has
-its own p, so injection is decided per pair and step.
+Self-attention is injected in both classifier-free-guidance halves, as in InstructPix2Pix
+(its sampler flags every attention layer of the whole batch). Cross-attention, when on,
+is injected in the conditional (text) half only: the unconditional half attends to the
+same empty or negative prompt in both branches, so there is no caption word to carry
+over, and it keeps its own maps. Each pair has its own p (and the cross-attention
+fraction its own step count), so injection is decided per pair, layer kind and step.
+
+Which steps: InstructPix2Pix's rule (``dataset_creation/generate_img_dataset.py``,
+``prompt_to_prompt = p > i / (len(sigmas) - 2)`` over N = len(sigmas) - 1 steps): step i
+(0-based) of N is injected iff p > i / (N - 1) (``injected_step_count``).
 
 How the maps are injected. Self-attention maps are N x N (N = 4,096 positions at 512 px):
 materialising them for every layer and step would cost gigabytes and time. Since
@@ -77,12 +85,18 @@ BRANCHES = 2  # input, output
 
 
 def injected_step_count(p: float, steps: int) -> int:
-    """How many of the first denoising steps are injected for fraction ``p``: step i
-    (0-based) is injected iff i < p * steps."""
+    """How many of the first denoising steps are injected for fraction ``p``:
+    InstructPix2Pix's rule, step i (0-based) of N is injected iff p > i / (N - 1), that is
+    iff i < p * (N - 1). So p = 0 injects nothing, any p > 0 injects step 0, and p = 1
+    injects every step but the last. A single step (N = 1) is injected iff p > 0."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps == 1:
+        return int(p > 0)
     # Rounded first so that 0.3 * 10 counts as 3, not 3.0000000000000004 -> 4.
-    return min(steps, math.ceil(round(p * steps, 9)))
+    return min(steps, math.ceil(round(p * (steps - 1), 9)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +175,8 @@ class AttentionRecord:
     step: int
     layer: str
     is_cross: bool
-    # (P,) which pairs' output branch used the input branch's maps at this step.
+    # (guidance half, P): which pairs' output branch used the input branch's maps at this
+    # step, per half (cross-attention: never the unconditional half).
     injected: torch.Tensor
     # (guidance half, pair, branch, heads, queries, keys): the maps each row attended with.
     maps: torch.Tensor
@@ -173,14 +188,17 @@ class AttentionRecord:
 @dataclass(slots=True)
 class _Session:
     injected_steps: tuple[int, ...]
+    cross_injected_steps: tuple[int, ...]
     token_map: tuple[torch.Tensor, torch.Tensor] | None
     device: torch.device
     step: int = -1
+    # (guidance half, P) injection masks of the current step.
     self_mask: torch.Tensor | None = None
     cross_mask: torch.Tensor | None = None
     # (4P,) the batch row whose queries and keys each row attends with.
     source_rows: torch.Tensor | None = None
     any_injected: bool = False
+    any_cross_injected: bool = False
     records: list[AttentionRecord] = field(default_factory=list)
 
 
@@ -232,10 +250,13 @@ class AttentionController:
         *,
         device: torch.device | str = "cpu",
         token_map: TokenMap | None = None,
+        cross_injected_steps: Sequence[int] | None = None,
     ) -> Iterator[None]:
         """One denoising run of ``len(injected_steps)`` pairs; pair i's output branch is
-        injected during its first ``injected_steps[i]`` steps. Cross-attention layers are
-        injected only when a ``token_map`` is given."""
+        injected in self-attention (both guidance halves) during its first
+        ``injected_steps[i]`` steps. Cross-attention layers are injected only when a
+        ``token_map`` is given, in the conditional half only, during pair i's first
+        ``cross_injected_steps[i]`` steps (default: ``injected_steps``)."""
         if self._session is not None:
             raise RuntimeError("an attention-control session is already running")
         if not injected_steps:
@@ -247,7 +268,10 @@ class AttentionController:
                 torch.tensor(token_map.source, dtype=torch.long, device=device),
                 torch.tensor(token_map.shared, dtype=torch.bool, device=device),
             )
-        self._session = _Session(tuple(injected_steps), tokens, device)
+        cross = tuple(injected_steps if cross_injected_steps is None else cross_injected_steps)
+        if len(cross) != len(injected_steps):
+            raise ValueError("cross_injected_steps needs one count per pair")
+        self._session = _Session(tuple(injected_steps), cross, tokens, device)
         self.records = self._session.records
         try:
             yield
@@ -259,10 +283,17 @@ class AttentionController:
         session = self._require_session()
         session.step = step
         flags = [step < count for count in session.injected_steps]
+        cross_flags = [
+            session.token_map is not None and step < count for count in session.cross_injected_steps
+        ]
         session.any_injected = any(flags)
-        mask = torch.tensor(flags, dtype=torch.bool, device=session.device)
-        session.self_mask = mask
-        session.cross_mask = mask if session.token_map is not None else torch.zeros_like(mask)
+        session.any_cross_injected = any(cross_flags)
+        device = session.device
+        # Self-attention: both guidance halves; cross-attention: the conditional one only.
+        session.self_mask = torch.tensor([flags, flags], dtype=torch.bool, device=device)
+        session.cross_mask = torch.tensor(
+            [[False] * len(cross_flags), cross_flags], dtype=torch.bool, device=device
+        )
         # Row (half, pair, output) reads row (half, pair, input) when the pair is injected.
         rows = []
         for _half in range(GUIDANCE_HALVES):
@@ -284,11 +315,11 @@ class AttentionController:
         session = self._session
         if session is None or session.step < 0:
             return None
-        if is_cross and session.token_map is None and not self.record:
-            return None
-        if not session.any_injected and not self.record:
-            return None
-        return session.cross_mask if is_cross else session.self_mask
+        if self.record:
+            return session.cross_mask if is_cross else session.self_mask
+        if is_cross:
+            return session.cross_mask if session.any_cross_injected else None
+        return session.self_mask if session.any_injected else None
 
     def _keep(self, record: AttentionRecord) -> None:
         self._require_session().records.append(record)
@@ -305,8 +336,8 @@ def _pairs_view(x: torch.Tensor, pairs: int) -> torch.Tensor:
 
 
 def _broadcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(P,) -> (1, P, 1, ...) matching a (guidance, pair, ...) tensor."""
-    return mask.view(1, -1, *([1] * (like.ndim - 2)))
+    """(guidance half, P) -> (half, P, 1, ...) matching a (guidance, pair, ...) tensor."""
+    return mask.view(*mask.shape, *([1] * (like.ndim - 2)))
 
 
 def _inject_rows(x: torch.Tensor, session: _Session) -> torch.Tensor:
@@ -433,7 +464,7 @@ class PromptToPromptProcessor:
         scores = query.float() @ key.float().transpose(-1, -2) * query.shape[-1] ** -0.5
         if attention_mask is not None:
             scores = scores + attention_mask.float()
-        probs = _pairs_view(scores.softmax(dim=-1), mask.shape[0])
+        probs = _pairs_view(scores.softmax(dim=-1), mask.shape[-1])
         source, own = probs[:, :, 0], probs[:, :, 1]
         pair_mask = _broadcast(mask, own)
         if self.is_cross:

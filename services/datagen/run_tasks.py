@@ -20,7 +20,9 @@ so that a planning task stopped half-way (time limit, shutdown, redelivery) goes
 there, and stops once the run is canceled or moved to another generation.
 
 The chunk task that finds every row of the run done moves it to ``exporting`` and
-enqueues its export. The export needs no model (it copies the stored PNGs), holds a lease
+enqueues its export; or, when the run kept no pair at all (a CLIP filter nothing passed),
+to ``failed`` with ``no_pairs_kept``: an empty export would not load (``datasets``
+refuses empty splits). The export needs no model (it copies the stored PNGs), holds a lease
 so that a redelivered export task does not run beside it, and publishes the run as
 ``succeeded`` only if the run is still exporting in its generation: a cancel during the
 export wins.
@@ -84,6 +86,19 @@ TRANSIENT_RETRIES = 6
 # The export's lease on its run, renewed with each heartbeat.
 EXPORT_LEASE_S = 120
 EXPORT_HEARTBEAT_S = 10
+
+# The error code of a run whose rows are all made but that kept no pair.
+NO_PAIRS_KEPT = "no_pairs_kept"
+
+
+def no_pairs_kept_message(rows: int, generated: int) -> str:
+    return (
+        f"no image pair was kept: the CLIP filter passed none of the {generated} candidate "
+        f"pair(s) of the run's {rows} row(s); lower the spec's filter thresholds "
+        "(min_caption_similarity, min_directional_similarity, min_image_similarity), "
+        "raise candidates_per_row, or turn the filter off"
+    )
+
 
 # Send a datagen task: send(task name, args, kwargs).
 Send = Callable[[str, list, dict], object]
@@ -260,9 +275,14 @@ def _start(ctx: RunContext, run: DatasetRun) -> DatasetRun:
 
 
 def _finish_rows(ctx: RunContext, run: DatasetRun, generation: int) -> None:
-    """Move the run on to its export once all its rows are done (once: compare-and-set)."""
+    """Move the run on to its export once all its rows are done (once: compare-and-set);
+    fail it instead when it kept no pair."""
     current = ctx.runs.get(run.id)
     if current is None or current.progress.rows_done < run.spec.total_rows:
+        return
+    if current.progress.pairs_kept == 0:
+        message = no_pairs_kept_message(run.spec.total_rows, current.progress.pairs_generated)
+        fail_run(ctx.runs, run.id, generation, NO_PAIRS_KEPT, message)
         return
     try:
         ctx.runs.transition(
@@ -469,6 +489,13 @@ def export_run(ctx: RunContext, run_id: str, generation: int | None = None) -> b
         builder = DatasetBuilder(
             run.id, run.spec, ctx.storage, model=model_name(run.spec, ctx.default_model)
         )
+        progress = run.progress
+        if progress.rows_done >= run.spec.total_rows and progress.pairs_kept == 0:
+            # Reached only by an export enqueued before the check in _finish_rows.
+            raise RunFailed(
+                NO_PAIRS_KEPT,
+                no_pairs_kept_message(run.spec.total_rows, progress.pairs_generated),
+            )
         try:
             with _ExportWatch(ctx, run_id, generation, token) as watch:
                 summary = builder.export(on_row=watch)

@@ -134,10 +134,12 @@ def planning(run_id, generation):
 
 
 def row(n: int, width: int = 20) -> dict:
+    # Padded with letters (one long word), not punctuation: a row must pass the data
+    # audit, whose CLIP token estimate counts every punctuation mark.
     return {
-        "input_caption": f"a mug {n}".ljust(width, "."),
-        "instruction": f"make it red {n}".ljust(width, "."),
-        "output_caption": f"a red mug {n}".ljust(width, "."),
+        "input_caption": f"a mug {n}".ljust(width, "x"),
+        "instruction": f"make it red {n}".ljust(width, "x"),
+        "output_caption": f"a red mug {n}".ljust(width, "x"),
     }
 
 
@@ -475,3 +477,105 @@ def test_invalid_json_is_still_described(alice):
     )
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "invalid_json"
+
+
+# -- rows are audited; captions are mapped --------------------------------------------------
+
+
+def test_given_rows_that_fail_the_audit_are_refused_with_each_rule_s_rows(alice, runs):
+    rows = [row(n) for n in range(5)]
+    rows[2] = {
+        "input_caption": "a navy blue external hard drive on a marble countertop",
+        "instruction": "make it rain",
+        "output_caption": "a navy blue external hard drive on a marble countertop, in the rain",
+    }
+    rows[4] = {
+        "input_caption": "a wool scarf on a wooden shelf",
+        "instruction": "give it a textured texture",
+        "output_caption": "a textured wool scarf on a wooden shelf",
+    }
+    response = alice.post("/v1/datasets", json={**SPEC, "num_rows": None, "rows": rows})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "rows_fail_audit"
+    assert "setting_contradiction (1)" in error["message"]
+    by_rule = {detail["name"]: detail for detail in error["details"]}
+    assert set(by_rule) == {"setting_contradiction", "duplicated_words"}
+    assert by_rule["setting_contradiction"]["count"] == 1
+    assert by_rule["setting_contradiction"]["examples"][0]["row"] == 2
+    assert by_rule["duplicated_words"]["examples"][0]["row"] == 4
+    assert by_rule["duplicated_words"]["examples"][0]["field"] == "instruction"
+    # Nothing was made of the refused spec.
+    assert alice.get("/v1/datasets").json()["data"] == []
+
+
+CAPTIONS = [
+    "black hoodie",
+    {"caption": "a red leather handbag on a marble countertop", "id": "sku-7"},
+    {"caption": "a pair of white sneakers in a city park", "category": "footwear"},
+]
+
+
+def test_captions_are_mapped_to_rows_the_run_is_made_of(alice, runs):
+    spec = {**SPEC, "num_rows": None, "captions": CAPTIONS, "edits_per_caption": 2}
+    response = alice.post("/v1/datasets", json=spec)
+    assert response.status_code == 202, response.text
+    run = response.json()
+    assert run["spec"]["rows_count"] == 6 and run["progress"]["rows_total"] == 6
+    stored = [runs.input_row(run["id"], index) for index in range(6)]
+    assert [row.input_caption for row in stored] == [
+        "black hoodie",
+        "black hoodie",
+        "a red leather handbag on a marble countertop",
+        "a red leather handbag on a marble countertop",
+        "a pair of white sneakers in a city park",
+        "a pair of white sneakers in a city park",
+    ]
+    for row_ in stored:
+        assert row_.edit_type != "custom" and row_.output_caption != row_.input_caption
+    assert {row_.category for row_ in stored} == {"apparel", "bags_accessories", "footwear"}
+    # Mapping is a function of the captions and the seed: the same post, the same run.
+    assert alice.post("/v1/datasets", json=spec).json()["id"] == run["id"]
+    other_seed = alice.post("/v1/datasets", json={**spec, "seed": 2}).json()
+    assert other_seed["id"] != run["id"]
+
+
+def test_captions_that_cannot_be_mapped_are_refused_with_their_reasons(alice):
+    captions = ["black hoodie", "a bottle of olive oil", {"caption": "a mug", "category": "cars"}]
+    response = alice.post("/v1/datasets", json={**SPEC, "num_rows": None, "captions": captions})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "captions_unmapped"
+    assert [detail["index"] for detail in error["details"]] == [1, 2]
+    assert error["details"][0]["caption"] == "a bottle of olive oil"
+    assert "product" in error["details"][0]["reason"]
+    assert "cars" in error["details"][1]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"captions": ["black hoodie"]}, "invalid_body"),  # with num_rows
+        ({"edit_types": ["camera_view"]}, "invalid_edit_types"),
+        ({"max_attributes": 0}, "invalid_max_attributes"),
+        ({"num_rows": None, "captions": ["x"] * 2_001}, "invalid_captions"),
+    ],
+)
+def test_bad_text_options_are_refused(alice, change, code):
+    response = alice.post("/v1/datasets", json={**SPEC, **change})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == code, response.text
+
+
+def test_a_synthesized_run_keeps_its_text_options(alice, runs):
+    from services.datagen.builder import caption_row
+
+    spec = {**SPEC, "edit_types": ["text_print", "logo_print"], "max_attributes": 1}
+    run = alice.post("/v1/datasets", json=spec).json()
+    stored = runs.get(run["id"]).spec
+    assert stored.edit_types == ["logo_print", "text_print"] and stored.max_attributes == 1
+    rows = [caption_row(stored, index) for index in range(SPEC["num_rows"])]
+    assert {r.edit_type for r in rows} == {"logo_print", "text_print"}
+    assert all(
+        sum(bool(r.output_slots[s]) for s in ("color", "material", "style")) <= 1 for r in rows
+    )

@@ -198,3 +198,13 @@ def test_datasets_create_get_list_cancel(client):
     with pytest.raises(NotFoundError) as raised:
         client.datasets.get("no-such-run")
     assert raised.value.code == "run_not_found"
+
+
+def test_datasets_from_your_own_captions_and_the_reasons_for_a_refusal(client):
+    run = client.datasets.create(captions=["black hoodie"], edits_per_caption=2, pairs_per_row=1)
+    assert run["spec"]["rows_count"] == 2
+    client.datasets.cancel(run["id"])
+    with pytest.raises(InvalidRequestError) as raised:
+        client.datasets.create(captions=["black hoodie", "a bottle of olive oil"])
+    assert raised.value.code == "captions_unmapped"
+    assert [d["index"] for d in raised.value.details] == [1]

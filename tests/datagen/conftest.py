@@ -34,15 +34,17 @@ def tiny_common() -> dict:
         "weather": [{"phrase": "in the rain", "noun": "rain", "instructions": ["make it rain"]}],
         "seasons": [{"name": "winter", "phrase": "in winter"}],
         "times_of_day": [{"name": "night", "phrase": "at night"}],
-        "lightings": [{"name": "studio light", "phrase": "under studio lighting"}],
-        "ambient_lightings": ["in soft daylight"],
+        "lightings": [
+            {"name": "studio light", "phrase": "under studio lighting", "setting": "studio"}
+        ],
+        "ambient_lightings": [{"phrase": "in soft daylight"}],
         "mediums": ["pencil sketch"],
-        "views": [{"phrase": "seen from above", "instructions": ["show {it} from above"]}],
+        "views": [{"phrase": "seen from above"}],
         "filters": [{"phrase": "in black and white", "instructions": ["make it black and white"]}],
         "decors": [{"phrase": "surrounded by confetti", "instructions": ["add confetti"]}],
         "shadeable_colors": ["red"],
         "plain_background": "a plain white background",
-        "backgrounds": ["a brick wall"],
+        "backgrounds": {"either": ["a brick wall"]},
         # No optional extras: each product has a single input caption, so
         # the whole space is a few hundred rows.
         "input_odds": {**dict.fromkeys(INPUT_ODDS_KEYS, 0.0), "surface": 1.0},
@@ -64,9 +66,9 @@ def tiny_category(name: str = "mugs") -> dict:
         },
         "products": [{"noun": "mug"}, {"noun": "teacups", "unit": "set"}],
         "companions": ["spoon", "saucer"],
-        "surfaces": ["on a table"],
+        "surfaces": {"indoor": ["on a table"]},
         "places": {"indoor": ["in a kitchen"], "outdoor": ["in a garden"]},
-        "backgrounds": [],
+        "backgrounds": {},
     }
 
 
@@ -90,6 +92,7 @@ def tiny_catalog(tmp_path_factory):
 # The image-pair stage's fixtures (tiny Stable Diffusion and CLIP models, generators).
 from tests.datagen.conftest_images import (  # noqa: E402, F401
     clip_filter,
+    ctx,
     pair_generator,
     tiny_clip_dir,
     tiny_sd_dir,

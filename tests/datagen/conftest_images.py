@@ -109,3 +109,28 @@ def clip_filter(tiny_clip_dir):
     clip = ClipFilter(ClipFilterConfig(model=str(tiny_clip_dir), device="cpu"))
     clip.setup()
     return clip
+
+
+@pytest.fixture
+def ctx(redis_url, tmp_path, tiny_sd_dir):
+    """A datagen task context on real Redis, a file store and the tiny model; tasks it
+    sends go to the datagen queue (a test takes them off with its own consumer)."""
+    import redis
+
+    from services.common.celery_app import create_celery_app
+    from services.common.datasets import RunStore
+    from services.common.queues import DATAGEN_QUEUE
+    from services.common.settings import Settings
+    from services.common.storage import FileStorage
+    from services.datagen.run_tasks import RunContext
+
+    celery = create_celery_app(Settings(redis_url=redis_url))
+    return RunContext(
+        runs=RunStore(redis.Redis.from_url(redis_url), ttl_s=3600),
+        storage=FileStorage(tmp_path / "store"),
+        default_model=str(tiny_sd_dir),
+        device="cpu",
+        send=lambda name, args, kwargs: celery.send_task(
+            name, args=args, kwargs=kwargs, queue=DATAGEN_QUEUE
+        ),
+    )

@@ -189,9 +189,57 @@ def test_cli_clean_and_missing(tmp_path):
     assert missing.returncode == 2 and "error:" in missing.stderr
 
 
-def test_bundled_catalog_has_setting_contradictions():
-    # Known issue: the packaged catalog is not clean yet; the audit must see it.
+def test_the_old_sampler_s_flaws_are_still_seen():
+    # Rows as the catalog made them before scenes carried settings (issue 15's examples):
+    # the audit must keep seeing them, whatever the catalog does now.
+    old = [
+        {
+            "input_caption": "a teacup and saucer on a bathroom vanity",
+            "instruction": "cover the scene in snow",
+            "output_caption": "a teacup and saucer on a bathroom vanity, in falling snow",
+        },
+        {
+            "input_caption": "a pair of skis on a pebbled riverbank, under warm indoor light",
+            "instruction": "place the skis on a ski slope",
+            "output_caption": "a pair of skis on a ski slope, under warm indoor light",
+        },
+    ]
+    assert audit_rows(old).counts()["setting_contradiction"] == 2
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        # Scene words inside product and look phrases are not the scene.
+        {
+            "input_caption": "a pair of yellow rain boots on a wooden shelf",
+            "instruction": "make them snow white",
+            "output_caption": "a pair of snow white rain boots on a wooden shelf",
+        },
+        {
+            "input_caption": "a hoodie on a bed",
+            "instruction": "add a retro sunset graphic to it",
+            "output_caption": "a hoodie with a retro sunset graphic printed on it on a bed",
+        },
+        {
+            "input_caption": "an emerald green table lamp on a patio",
+            "instruction": "recolor the table lamp light gray",
+            "output_caption": "a light gray table lamp on a patio",
+        },
+        # A beach house is a room.
+        {
+            "input_caption": "a sofa in a beach house",
+            "instruction": "light it with warm indoor light",
+            "output_caption": "a sofa in a beach house, under warm indoor light",
+        },
+    ],
+)
+def test_scene_words_in_product_names_are_not_the_scene(row):
+    assert counts(row)["setting_contradiction"] == 0
+
+
+def test_bundled_catalog_is_clean_at_the_paper_s_size():
+    # 100,000 rows per seed, several seeds: tests/datagen/test_catalog_quality.py.
     report = audit_rows(synthesize(3000, seed=0))
     assert report.rows == 3000
-    assert report.counts()["setting_contradiction"] > 0
-    assert report.counts()["near_duplicates"] == 0
+    assert report.clean, report.format_table()

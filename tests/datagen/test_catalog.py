@@ -143,13 +143,29 @@ def _broken(tmp_path, *, common=None, category=None):
         (lambda c: c["products"].append({"noun": "jug", "unit": "dozen"}), "must be one of"),
         (lambda c: c["products"].append({"noun": "mug"}), "duplicate nouns"),
         (lambda c: c["products"].append({"noun": "jug", "colour": ["red"]}), "unknown key"),
-        (lambda c: c.update(surfaces=["table"]), "must start with 'on '"),
+        (lambda c: c.update(surfaces={"indoor": ["table"]}), "must start with 'on '"),
+        (
+            lambda c: c.update(surfaces={"indoors": ["on a table"]}),
+            r"surfaces\.indoors: unknown key",
+        ),
+        (lambda c: c.update(surfaces={}), r"surfaces: expected a non-empty list"),
+        (lambda c: c.update(surfaces=["on a table"]), r"surfaces: expected a mapping"),
+        (lambda c: c["places"].update(either=["in a tent"]), r"places\.either: unknown key"),
+        (lambda c: c["places"].update(studio=["a photo studio"]), "must start with 'in'"),
+        (
+            lambda c: c.update(surfaces={"indoor": ["on a table"], "outdoor": ["on a table"]}),
+            "duplicate values",
+        ),
         (lambda c: c.update(companions=["spoon", "spoon"]), "duplicate values"),
         (lambda c: c.update(companions=["spoon "]), "stray spaces"),
         (lambda c: c.update(companions=[]), "non-empty list"),
         (lambda c: c["defaults"].update(color=[]), "needs colors"),
         (lambda c: c.pop("surfaces"), "missing"),
-        (lambda c: c.update(backgrounds=["a plain white background"]), "plain background"),
+        (
+            lambda c: c.update(backgrounds={"studio": ["a plain white background"]}),
+            "plain background",
+        ),
+        (lambda c: c["products"][0].update(material=["glass", 3]), r"products\[0\]\.material"),
     ],
 )
 def test_broken_category_files_are_refused(tmp_path, change, message):
@@ -162,8 +178,12 @@ def test_broken_category_files_are_refused(tmp_path, change, message):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda c: c["views"][0].update(instructions=["show {thing}"]), "unknown placeholders"),
-        (lambda c: c["views"][0].update(instructions=["show {it"]), "bad template"),
+        (lambda c: c["filters"][0].update(instructions=["show {thing}"]), "unknown placeholders"),
+        (lambda c: c["filters"][0].update(instructions=["show {it"]), "bad template"),
+        (lambda c: c["views"][0].update(instructions=["show {it} from above"]), "no edit changes"),
+        (lambda c: c["lightings"][0].update(setting="daylight"), r"lightings\[0\]\.setting"),
+        (lambda c: c["ambient_lightings"].append("in daylight"), "expected a mapping"),
+        (lambda c: c.update(exclusive_values=[["new"]]), "exclusive_values"),
         (lambda c: c.pop("logos"), "missing"),
         (lambda c: c.update(mediums="sketch"), "non-empty list"),
         (lambda c: c["seasons"][0].pop("name"), "missing"),
@@ -225,12 +245,13 @@ def test_edit_types_fill_in_exactly_the_placeholders_they_declare(catalog, monke
     owner = {id(wording): name for name, wording in catalog.edit_wordings.items()}
     edit = EditContext.edit
 
-    def recording_edit(self, changes, wording, **words):
+    def recording_edit(self, changes, wording, *, shade_of_old=False, **words):
         passed.setdefault(owner[id(wording)], set()).update(words)
-        return edit(self, changes, wording, **words)
+        return edit(self, changes, wording, shade_of_old=shade_of_old, **words)
 
     monkeypatch.setattr(EditContext, "edit", recording_edit)
-    for _ in synthesize(3000, seed=0, catalog=catalog):
+    every = [edit.name for edit in EDIT_TYPES]  # the opt-in ones (text_print) too
+    for _ in synthesize(3000, seed=0, catalog=catalog, edit_types=every):
         pass
     declared = {e.name: set(e.placeholders) for e in EDIT_TYPES if not e.by_cues}
     assert passed == declared

@@ -105,7 +105,8 @@ def test_generate_row_makes_one_recorded_pair_per_params(pair_generator):
         )
         assert (pair.input_caption, pair.output_caption) == (ROW.input_caption, ROW.output_caption)
         assert pair.num_inference_steps == STEPS and pair.denoising_steps == steps
-        assert pair.injected_steps == int(np.ceil(round(pair.p * steps, 9)))
+        # InstructPix2Pix's rule: step i injected iff p > i / (steps - 1).
+        assert pair.injected_steps == sum(pair.p > i / (steps - 1) for i in range(steps))
         assert pair.input_image.size == pair.edited_image.size == (SIZE, SIZE)
         assert pair.input_image.mode == "RGB" and pair.scores is None
     # Different seeds, different pictures.
@@ -229,14 +230,18 @@ def test_injected_attention_maps_are_exactly_the_input_branch_maps(recording_gen
             input_maps, output_maps = maps[:, 0], maps[:, 1]
             own = record.own_output_maps[:, pair]
             if record.step < count:
-                assert bool(record.injected[pair])
+                assert bool(record.injected[1, pair])
                 if record.is_cross:
-                    assert torch.equal(output_maps[..., shared], input_maps[..., source])
-                    assert torch.equal(output_maps[..., ~shared], own[..., ~shared])
+                    # The conditional half only; the unconditional one keeps its maps.
+                    assert not bool(record.injected[0, pair])
+                    assert torch.equal(output_maps[1][..., shared], input_maps[1][..., source])
+                    assert torch.equal(output_maps[1][..., ~shared], own[1][..., ~shared])
+                    assert torch.equal(output_maps[0], own[0])
                 else:
+                    assert bool(record.injected[0, pair])
                     assert torch.equal(output_maps, input_maps), (record.layer, record.step)
             else:
-                assert not bool(record.injected[pair])
+                assert not bool(record.injected[:, pair].any())
                 assert torch.equal(output_maps, own)
             own_maps_differed |= not torch.allclose(own, input_maps, atol=1e-4)
     # The copies replaced something: left alone, the output branch attends differently.
@@ -340,9 +345,15 @@ def test_a_same_length_word_swap_takes_the_replaced_word_s_cross_attention(
     own_differed = False
     for record in cross:
         maps = record.maps[:, 0]  # (guidance half, branch, heads, queries, keys)
-        assert torch.equal(maps[:, 1], maps[:, 0]), (record.layer, record.step)
         own = record.own_output_maps[:, 0]
-        own_differed |= not torch.allclose(own[..., swapped], maps[:, 0][..., swapped])
+        if record.step == generator.denoising_steps - 1:
+            # p = 1 injects every step but the last (p > i / (N - 1)).
+            assert torch.equal(maps[1, 1], own[1])
+            continue
+        # The conditional half takes the input branch's maps, the unconditional keeps its own.
+        assert torch.equal(maps[1, 1], maps[1, 0]), (record.layer, record.step)
+        assert torch.equal(maps[0, 1], own[0])
+        own_differed |= not torch.allclose(own[1][..., swapped], maps[1, 0][..., swapped])
     # Without the swap the new word would have attended with its own, different maps.
     assert own_differed
 
@@ -356,20 +367,33 @@ def test_one_loaded_pipeline_serves_every_step_count_and_size(tiny_sd_dir, pair_
     from services.datagen.builder import generator_for
     from services.datagen.pair_pipeline import get_pair_generator
 
-    first = get_pair_generator(generator_config(tiny_sd_dir, num_inference_steps=2))
+    # The builder's generators control cross-attention too (runs choose their fraction).
+    crossed = {"cross_attention_layers": ALL_CROSS_ATTENTION}
+    first = get_pair_generator(generator_config(tiny_sd_dir, num_inference_steps=2, **crossed))
     second = get_pair_generator(
-        generator_config(tiny_sd_dir, num_inference_steps=7, height=64, width=64)
+        generator_config(tiny_sd_dir, num_inference_steps=7, height=64, width=64, **crossed)
     )
     assert first is second
     specs = [
-        DatasetSpec(num_rows=1, num_inference_steps=steps, resolution=size)
-        for steps, size in ((2, 64), (30, None), (50, 128))
+        DatasetSpec(num_rows=1, num_inference_steps=steps, resolution=size, **options)
+        for steps, size, options in (
+            (2, 64, {}),
+            (30, None, {"scheduler": "ddim", "negative_prompt": "blurry"}),
+            (50, 128, {"cross_attention_fraction": 0.4, "candidate_batch_size": 3}),
+        )
     ]
     assert all(generator_for(spec, str(tiny_sd_dir), "cpu") is first for spec in specs)
 
     # Steps and size given per call make what a generator configured with them makes.
     params = [PairParams(0, seed=8, p=0.5, text_guidance=9.0)]
-    pairs = first.generate_row(ROW, params, num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    pairs = first.generate_row(
+        ROW,
+        params,
+        num_inference_steps=STEPS,
+        height=SIZE,
+        width=SIZE,
+        cross_attention_fraction=0.0,  # cross-attention layers then run plain SDPA
+    )
     expected = pair_generator.generate_row(ROW, params)
     assert pairs[0].num_inference_steps == STEPS
     assert pairs[0].denoising_steps == expected[0].denoising_steps
@@ -382,9 +406,7 @@ def test_one_loaded_pipeline_serves_every_step_count_and_size(tiny_sd_dir, pair_
     # Another model (here: other injected layers) replaces the loaded one: one at a time.
     loaded = weakref.ref(first)
     del first, second
-    other = get_pair_generator(
-        generator_config(tiny_sd_dir, cross_attention_layers=ALL_CROSS_ATTENTION)
-    )
+    other = get_pair_generator(generator_config(tiny_sd_dir))
     gc.collect()
     assert loaded() is None
-    assert other.config.cross_attention_layers == ALL_CROSS_ATTENTION
+    assert other.config.cross_attention_layers is None

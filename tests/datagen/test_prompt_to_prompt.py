@@ -23,12 +23,28 @@ S, E = 100, 101  # start and end token ids of the made-up sequences below
 
 @pytest.mark.parametrize(
     ("p", "steps", "expected"),
-    [(0.0, 10, 0), (1.0, 10, 10), (0.3, 10, 3), (0.31, 10, 4), (0.5, 5, 3), (0.1, 51, 6)],
+    [
+        (0.0, 10, 0),
+        (1.0, 10, 9),  # every step but the last
+        (1.0, 100, 99),
+        (0.3, 10, 3),  # i < 2.7
+        (1 / 3, 10, 3),  # i < 3, despite float error in (1/3) * 9
+        (0.34, 10, 4),  # i < 3.06
+        (0.5, 5, 2),  # i < 2
+        (0.5, 2, 1),
+        (0.1, 51, 5),  # i < 5
+        (0.1001, 51, 6),
+        (0.001, 100, 1),  # any p > 0 injects step 0
+        (0.5, 1, 1),  # a single step: injected iff p > 0
+        (0.0, 1, 0),
+    ],
 )
-def test_injected_step_count_is_the_first_fraction_p_of_the_steps(p, steps, expected):
+def test_injected_step_count_is_instructpix2pix_s_rule(p, steps, expected):
     assert injected_step_count(p, steps) == expected
-    # Step i is injected iff i < p * steps.
-    assert expected == sum(1 for i in range(steps) if i < p * steps - 1e-9)
+    # InstructPix2Pix's generate_img_dataset.py: step i of N is injected iff
+    # p > i / (N - 1) (its `prompt2prompt_threshold > i / (len(sigmas) - 2)`).
+    rule = [p > i / max(steps - 1, 1) + 1e-12 for i in range(steps)]
+    assert rule == [i < expected for i in range(steps)]
 
 
 @pytest.mark.parametrize("p", [-0.1, 1.01])
@@ -89,9 +105,10 @@ def _layer(cross: bool) -> Attention:
     return Attention(query_dim=16, cross_attention_dim=12 if cross else None, heads=2, dim_head=8)
 
 
-def _reference(attn, hidden, context, injected_pairs, token_map=None):
+def _reference(attn, hidden, context, injected_pairs, token_map=None, halves=(0, 1)):
     """Attention computed naively: per row, softmax(q k^T / sqrt(d)) v, where the output
-    branch of an injected pair uses the input branch's map (whole, or shared tokens')."""
+    branch of an injected pair uses the input branch's map (whole, or shared tokens') in
+    the guidance ``halves`` given (0: unconditional, 1: text)."""
     context = hidden if context is None else context
     batch = hidden.shape[0]
     heads, dim = attn.heads, attn.to_q.out_features // attn.heads
@@ -102,7 +119,7 @@ def _reference(attn, hidden, context, injected_pairs, token_map=None):
     q, k, v = split(attn.to_q(hidden)), split(attn.to_k(context)), split(attn.to_v(context))
     maps = (q @ k.transpose(-1, -2) / dim**0.5).softmax(-1)
     used = maps.clone()
-    for half in range(2):
+    for half in halves:
         for pair in range(batch // 4):
             src, dst = half * batch // 2 + 2 * pair, half * batch // 2 + 2 * pair + 1
             if pair not in injected_pairs:
@@ -136,7 +153,8 @@ def test_self_attention_processor_uses_the_input_branch_maps_for_injected_pairs(
         assert torch.allclose(attn(hidden), _reference(attn, hidden, None, set()), atol=1e-5)
     if record:
         first = controller.records[0]
-        assert first.injected.tolist() == [True, False]
+        # Self-attention: injected in both guidance halves.
+        assert first.injected.tolist() == [[True, False], [True, False]]
         assert torch.equal(first.maps[:, 0, 1], first.maps[:, 0, 0])
         assert not torch.equal(first.maps[:, 1, 1], first.maps[:, 1, 0])
         assert torch.equal(first.maps[:, 1, 1], first.own_output_maps[:, 1])
@@ -153,11 +171,52 @@ def test_cross_attention_processor_copies_only_the_shared_tokens_maps(record):
     with torch.no_grad(), controller.session([2], token_map=token_map):
         controller.set_step(1)
         out = attn(hidden, encoder_hidden_states=context)
-        expected = _reference(attn, hidden, context, {0}, token_map)
+        # The conditional half only: the unconditional half keeps its own maps.
+        expected = _reference(attn, hidden, context, {0}, token_map, halves=(1,))
         assert torch.allclose(out, expected, atol=1e-5)
+        assert not torch.allclose(out, _reference(attn, hidden, context, {0}, token_map))
+        plain = _reference(attn, hidden, context, set())
+        # Rows 0-1: the unconditional half's input and output branch, as uninjected.
+        assert torch.allclose(out[:2], plain[:2], atol=1e-5)
+        assert not torch.allclose(out[3], plain[3], atol=1e-4)
         controller.set_step(2)
         plain = _reference(attn, hidden, context, set())
         assert torch.allclose(attn(hidden, encoder_hidden_states=context), plain, atol=1e-5)
+
+
+def test_cross_attention_has_its_own_step_count_and_leaves_the_unconditional_half_alone():
+    attn = _layer(cross=True)
+    controller = AttentionController(InjectionLayers(cross_attention=".*"), record=True)
+    attn.set_processor(PromptToPromptProcessor(controller, "layer.attn2", is_cross=True))
+    torch.manual_seed(4)
+    hidden, context = torch.randn(8, 6, 16), torch.randn(8, 5, 12)
+    token_map = TokenMap(source=(0, 1, 2, 3, 4), shared=(True,) * 5)
+    # Self-attention steps [1, 3], cross-attention steps [2, 0]: pair 0 has cross-attention
+    # injected at steps 0 and 1, pair 1 never.
+    with (
+        torch.no_grad(),
+        controller.session([1, 3], token_map=token_map, cross_injected_steps=[2, 0]),
+    ):
+        for step in range(3):
+            controller.set_step(step)
+            attn(hidden, encoder_hidden_states=context)
+    assert [r.injected.tolist() for r in controller.records] == [
+        [[False, False], [True, False]],
+        [[False, False], [True, False]],
+        [[False, False], [False, False]],
+    ]
+    for record in controller.records:
+        maps, own = record.maps, record.own_output_maps
+        # The unconditional half's output branch attends with its own maps at every step.
+        assert torch.equal(maps[0, :, 1], own[0])
+        expected = maps[1, 0, 0] if record.step < 2 else own[1, 0]
+        assert torch.equal(maps[1, 0, 1], expected)
+        assert torch.equal(maps[1, 1, 1], own[1, 1])
+    with (
+        pytest.raises(ValueError, match="one count per pair"),
+        controller.session([1, 1], cross_injected_steps=[1]),
+    ):
+        pass
 
 
 def test_cross_attention_is_not_injected_without_a_token_map():

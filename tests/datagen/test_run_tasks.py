@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from services.common.celery_app import create_celery_app
 from services.common.datasets import (
     DATAGEN_PLAN_TASK,
     RUN_ACTIVE,
@@ -28,7 +27,6 @@ from services.common.datasets import (
 )
 from services.common.queues import DATAGEN_CHUNK_TASK, DATAGEN_EXPORT_TASK, DATAGEN_QUEUE
 from services.common.settings import Settings
-from services.common.storage import FileStorage
 from services.datagen.builder import DatasetBuilder
 from services.datagen.run_tasks import (
     RunContext,
@@ -41,20 +39,6 @@ from services.datagen.run_tasks import (
 from tests.datagen.conftest_images import fake_pair
 
 OWNER = "key-1"
-
-
-@pytest.fixture
-def ctx(redis_url, tmp_path, tiny_sd_dir) -> RunContext:
-    celery = create_celery_app(Settings(redis_url=redis_url))
-    return RunContext(
-        runs=RunStore(redis.Redis.from_url(redis_url), ttl_s=3600),
-        storage=FileStorage(tmp_path / "store"),
-        default_model=str(tiny_sd_dir),
-        device="cpu",
-        send=lambda name, args, kwargs: celery.send_task(
-            name, args=args, kwargs=kwargs, queue=DATAGEN_QUEUE
-        ),
-    )
 
 
 def queued(ctx: RunContext) -> list[tuple[str, list, dict]]:
@@ -74,6 +58,8 @@ def spec(**overrides) -> DatasetSpec:
         "pairs_per_row": 1,
         "num_inference_steps": 2,
         "resolution": 64,
+        # No CLIP model here (the filter's own tests: test_candidates.py).
+        "filter": False,
         **overrides,
     }
     return DatasetSpec(**options)
@@ -135,8 +121,11 @@ class _StoredPairs:
     """Stands in for the image model to fill storage fast through the builder's real
     storing path: flat 16 px pictures."""
 
-    def generate_row(self, row, params, **_):
-        return [fake_pair(row.index, p.pair_index) for p in params]
+    def generate_candidates(self, row, params, judge=None, keep=None, **_):
+        from services.datagen.pair_pipeline import RowCandidates
+
+        pairs = [fake_pair(row.index, p.pair_index) for p in params[:keep]]
+        return RowCandidates(kept=pairs, generated=pairs, batches=1)
 
 
 def _store_rows(ctx: RunContext, run) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.datagen.tiny_clip import write_tiny_clip
 from services.datagen.tiny_sd import write_tiny_stable_diffusion
 from tests.stack import free_port, service_env, start_api, start_datagen_worker
 
@@ -18,12 +19,15 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def datagen_stack(claim_redis_db, tmp_path_factory):
     model = write_tiny_stable_diffusion(tmp_path_factory.mktemp("sd") / "tiny-sd")
+    clip = write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
     storage = tmp_path_factory.mktemp("datagen-storage")
     logs = tmp_path_factory.mktemp("datagen-logs")
     env = service_env(
         redis_url=claim_redis_db(),
         storage_url=f"file://{storage}",
         datagen_model=str(model),
+        # The CLIP model a spec may name for its filter.
+        datagen_clip_models=str(clip),
         device="cpu",
         # One local caller (ownership and keys: tests/api/test_datasets.py).
         auth="disabled",
@@ -31,7 +35,12 @@ def datagen_stack(claim_redis_db, tmp_path_factory):
     worker = start_datagen_worker(env, logs)
     port = free_port()
     api = start_api(env, logs, port)
-    yield {"base": f"http://127.0.0.1:{port}", "storage": storage, "worker": worker}
+    yield {
+        "base": f"http://127.0.0.1:{port}",
+        "storage": storage,
+        "worker": worker,
+        "clip": str(clip),
+    }
     api.stop()
     worker.stop()
 
@@ -43,6 +52,7 @@ def spec(**overrides) -> dict:
         "pairs_per_row": 2,
         "num_inference_steps": 2,
         "resolution": 64,
+        "filter": False,
         **overrides,
     }
 
@@ -140,3 +150,30 @@ def test_cancel_then_resume_skips_stored_rows(datagen_stack):
     # Rows made before the cancel were not made again.
     after = {p.name: p.stat().st_mtime_ns for p in rows_dir.iterdir()}
     assert all(after[name] == mtime for name, mtime in stored_before.items())
+
+
+def test_a_filtered_run_that_keeps_no_pair_fails_with_no_pairs_kept(datagen_stack):
+    """The CLIP filter in the worker passes no candidate: the run ends failed with a clear
+    error code instead of exporting a dataset `datasets` cannot load."""
+    filtered = spec(
+        num_rows=2,
+        seed=21,
+        filter=True,
+        clip_model=datagen_stack["clip"],
+        candidates_per_row=3,
+        candidate_batch_size=2,
+        # The tiny CLIP's directional similarity of random pictures never reaches 1.
+        min_directional_similarity=1.0,
+    )
+    with httpx.Client(base_url=datagen_stack["base"], timeout=30) as client:
+        response = client.post("/v1/datasets", json=filtered)
+        assert response.status_code == 202, response.text
+        run = response.json()
+        assert run["spec"]["filter"] is True and run["spec"]["candidates_per_row"] == 3
+        done = wait(client, run["id"], {"succeeded", "failed"})
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "no_pairs_kept"
+    assert "6 candidate pair(s)" in done["error"]["message"]
+    assert done["progress"]["pairs_generated"] == 6 and done["progress"]["pairs_kept"] == 0
+    assert done["export_files"] == []
+    assert not (Path(datagen_stack["storage"]) / "datasets" / run["id"] / "export").exists()

@@ -47,6 +47,7 @@ class Stack:
             # ~0.6 s a row on a CPU: long enough for limits and signals to land mid-chunk.
             "num_inference_steps": 20,
             "resolution": 64,
+            "filter": False,
             **overrides,
         }
         run, requeued = self.runs.create_or_resume(DatasetSpec(**options), "key-1")

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from services.datagen.text import (
-    EDIT_TYPE_NAMES,
+    DEFAULT_EDIT_TYPES,
     MAX_ROWS,
     SLOT_NAMES,
     SpaceExhaustedError,
@@ -236,9 +236,9 @@ def test_100k_unique_rows_in_seconds(catalog):
 
 def test_paper_sized_set_covers_every_category_and_edit_type(rows_3000, catalog):
     assert len(catalog.categories) >= PAPER_CATEGORIES
-    assert len(EDIT_TYPE_NAMES) >= PAPER_EDIT_TYPES
+    assert len(DEFAULT_EDIT_TYPES) >= PAPER_EDIT_TYPES
     assert {row.category for row in rows_3000} == set(catalog.category_names)
-    assert {row.edit_type for row in rows_3000} == set(EDIT_TYPE_NAMES)
+    assert {row.edit_type for row in rows_3000} == set(DEFAULT_EDIT_TYPES)
 
 
 def test_rows_are_spread_evenly(rows_3000):
@@ -248,7 +248,7 @@ def test_rows_are_spread_evenly(rows_3000):
     # Each category cycles through its edit types before repeating one.
     assert max(per_cell.values()) - min(per_cell.values()) <= 1
     per_edit = Counter(row.edit_type for row in rows_3000)
-    assert min(per_edit.values()) >= 3000 / len(EDIT_TYPE_NAMES) / 2
+    assert min(per_edit.values()) >= 3000 / len(DEFAULT_EDIT_TYPES) / 2
 
 
 # --- API edges --------------------------------------------------------------

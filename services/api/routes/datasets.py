@@ -15,6 +15,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.routing import APIRoute
 
 from services.api.auth import CallerDep
+from services.api.dataset_rows import checked_rows
 from services.api.deps import CeleryDep, IdempotencyDep, LimitsDep, RunStoreDep, SettingsDep
 from services.api.errors import APIError, ErrorResponse
 from services.api.idempotency import IdempotencyKey, fingerprint
@@ -158,15 +159,21 @@ def create_run(
     as a new generation; any other run is returned as it is.
 
     One planning task is queued, whatever the run's size: a datagen worker enqueues the
-    run's chunk tasks (those with rows still to make)."""
+    run's chunk tasks (those with rows still to make).
+
+    Given `rows` must pass the data audit (422 rows_fail_audit, with each broken rule's
+    rows); given `captions` are mapped to rows first (422 captions_unmapped, with each
+    caption that could not be)."""
     check_models(spec, settings)
+    request_json = spec.model_dump_json()
+    spec = checked_rows(spec)
     if idempotency_key is None:
         run = _start(spec, caller.key_id, runs, celery, limits)
     else:
         run, replayed = idempotency.run_once(
             caller.key_id,
             idempotency_key,
-            fingerprint("/v1/datasets", [("spec", spec.model_dump_json())]),
+            fingerprint("/v1/datasets", [("spec", request_json)]),
             spec.run_id(caller.key_id),
             lambda _: _start(spec, caller.key_id, runs, celery, limits),
             lambda run_id: runs.get(run_id),

@@ -14,13 +14,16 @@ instruction; the synthesizer schedules, samples and de-duplicates rows.
 from .articles import indefinite_article, with_article
 from .captions import SLOT_NAMES, caption_segments, render_caption
 from .catalog import Catalog, CatalogError, load_catalog
-from .edits import EDIT_TYPES, EditType
+from .edits import DEFAULT_EDIT_TYPES, EDIT_TYPES, EditType
 from .export import row_to_json, write_jsonl
 from .synthesizer import MAX_ROWS, SpaceExhaustedError, TextRow, synthesize
 
+# Every edit type, the opt-in ones (exact lettering) included; DEFAULT_EDIT_TYPES:
+# the ones a run uses unless it names its own.
 EDIT_TYPE_NAMES: tuple[str, ...] = tuple(edit.name for edit in EDIT_TYPES)
 
 __all__ = [
+    "DEFAULT_EDIT_TYPES",
     "EDIT_TYPES",
     "EDIT_TYPE_NAMES",
     "MAX_ROWS",

@@ -3,9 +3,10 @@
 The YAML files are the single place that decides which words may describe
 which product, so an edit can only produce a value the catalog allows for
 that product ("make it leather" never reaches a smartphone screen unless the
-smartphone's materials say so). Everything is checked at load time, so a typo
-in a data file fails loudly with its file and key instead of leaking odd
-captions into a dataset.
+smartphone's materials say so). Everything is checked at load time by the schema
+in ``catalog_schema.py`` (pydantic models of the files), so a typo in a data
+file fails loudly with its file and key instead of leaking odd captions into
+a dataset.
 
 Beside the vocabulary (``common.yaml``) and the categories (one file each),
 ``edits.yaml`` words the edit types' instructions; the edit types in
@@ -21,24 +22,35 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
+
+from .catalog_schema import (
+    ATTRIBUTE_SLOTS,
+    INPUT_ODDS_KEYS,
+    CategoryFile,
+    CommonFile,
+    CueEntry,
+    Setting,
+)
+
+M = TypeVar("M", bound=BaseModel)
 
 __all__ = [
     "ATTRIBUTE_SLOTS",
+    "INPUT_ODDS_KEYS",
     "Catalog",
     "CatalogError",
     "Category",
     "Cue",
     "EditWording",
     "Product",
+    "Setting",
     "load_catalog",
 ]
 
-# Product attribute slots, in the order they appear before the noun.
-ATTRIBUTE_SLOTS = ("condition", "style", "texture", "color", "pattern", "material")
-UNITS = ("", "pair", "set")
 COMMON_FILE = "common.yaml"
 EDITS_FILE = "edits.yaml"
 # Files beside the category files that are not categories.
@@ -46,24 +58,6 @@ _SHARED_FILES = (COMMON_FILE, EDITS_FILE)
 # Placeholders for the product that every instruction template may use; an
 # edit type's own templates may also use the placeholders it declares.
 TEMPLATE_FIELDS = frozenset({"it", "its", "noun", "it_looks"})
-# input_odds keys; each group is a set of alternatives whose odds add up to
-# at most 1 (exactly 1 where a caption must have one of them).
-_ODDS_GROUPS = (
-    (("surface", "indoor_place", "outdoor_place"), True),
-    (("ambient_lighting", "time_of_day", "lighting"), False),
-    (("weather", "season"), False),
-)
-INPUT_ODDS_KEYS = (
-    *ATTRIBUTE_SLOTS,
-    "graphic",
-    "background",
-    "companion",
-    "decor",
-    "view",
-    "filter",
-    "medium",
-    *(key for group, _ in _ODDS_GROUPS for key in group),
-)
 
 
 class CatalogError(ValueError):
@@ -76,12 +70,15 @@ class Cue:
 
     ``phrase`` is what the caption says ("in falling snow"); ``name`` is how an
     instruction refers to it ("snow"); ``instructions`` are ready-made
-    wordings for value-specific edits such as weather or camera view.
+    wordings for value-specific edits such as weather or camera view;
+    ``setting`` is where the phrase can be (lightings: "under warm indoor light"
+    is ``indoor``).
     """
 
     phrase: str
     name: str = ""
     instructions: tuple[str, ...] = ()
+    setting: Setting = Setting.EITHER
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +108,8 @@ class Product:
     values: Mapping[str, tuple[str, ...]]
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: hashed by identity, so per-catalog lookups can be cached.
+@dataclass(frozen=True, slots=True, eq=False)
 class Category:
     name: str
     label: str
@@ -119,16 +117,24 @@ class Category:
     graphic_methods: tuple[str, ...]
     companions: tuple[str, ...]
     surfaces: tuple[str, ...]
+    # Places indoors, studio sets included (they take no weather either).
     indoor_places: tuple[str, ...]
     outdoor_places: tuple[str, ...]
     backgrounds: tuple[str, ...]
+    # Surface, place or background phrase -> its setting.
+    settings: Mapping[str, Setting]
 
     @property
     def places(self) -> tuple[str, ...]:
         return self.indoor_places + self.outdoor_places
 
+    def setting_of(self, phrase: str) -> Setting:
+        """The setting of a surface, place or background of this category."""
+        return self.settings[phrase]
 
-@dataclass(frozen=True, slots=True)
+
+# eq=False: hashed by identity, so per-catalog lookups can be cached.
+@dataclass(frozen=True, slots=True, eq=False)
 class Catalog:
     categories: tuple[Category, ...]
     # pattern adjective -> how an instruction names it ("striped" -> "stripes").
@@ -141,18 +147,25 @@ class Catalog:
     seasons: tuple[Cue, ...]
     times_of_day: tuple[Cue, ...]
     lightings: tuple[Cue, ...]
-    ambient_lightings: tuple[str, ...]
+    ambient_lightings: tuple[Cue, ...]
     mediums: tuple[str, ...]
     views: tuple[Cue, ...]
     filters: tuple[Cue, ...]
     decors: tuple[Cue, ...]
     shadeable_colors: frozenset[str]
+    # Materials that are their own color: no color word goes with them.
+    self_colored_materials: frozenset[str]
+    # Pairs of attribute values that never describe one product together.
+    exclusive_values: frozenset[frozenset[str]]
     plain_background: str
     # How often a sampled input carries each optional part; see common.yaml.
     input_odds: Mapping[str, float]
     # edit type -> its wording (edits.yaml); none for the edit types whose
     # values bring their own (weather, views, filters, decors).
     edit_wordings: Mapping[str, EditWording]
+    # Lighting-slot phrase (ambient light, named lighting, time of day) -> the setting
+    # it needs; times of day are sky phrases: outdoor.
+    lighting_settings: Mapping[str, Setting]
 
     def category(self, name: str) -> Category:
         for category in self.categories:
@@ -182,45 +195,146 @@ def _packaged_catalog() -> Catalog:
         return _load_directory(path, packaged=True)
 
 
+def _validated(model: type[M], path: Path, context: dict[str, Any] | None = None) -> M:
+    """``path``'s YAML validated by ``model``; a CatalogError naming file and key otherwise."""
+    data = _read_yaml(path)
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise CatalogError(f"{path}: {_describe(exc)}") from exc
+
+
+# pydantic error type -> our wording (the rest keep pydantic's message).
+_WORDING = {
+    "extra_forbidden": "unknown key",
+    "missing": "missing",
+    "too_short": "expected a non-empty list",
+    "tuple_type": "expected a non-empty list",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+    "string_type": "expected text",
+    "less_than_equal": "expected a number from 0 to 1",
+    "greater_than_equal": "expected a number from 0 to 1",
+}
+
+
+def _describe(exc: ValidationError) -> str:
+    """The first error as "key.path[0]: what is wrong"."""
+    error = exc.errors(include_url=False)[0]
+    parts = []
+    for item in error["loc"]:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item not in _UNION_BRANCHES:
+            parts.append(("." if parts else "") + str(item))
+    where = "".join(parts) or "top level"
+    kind = error["type"]
+    if kind == "literal_error":
+        message = f"must be one of {error['ctx']['expected']}"
+    elif kind in _WORDING:
+        message = _WORDING[kind]
+    else:
+        message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}"
+
+
+# Location parts pydantic adds for Optional/union fields; not keys of the file.
+_UNION_BRANCHES = frozenset({"tuple[str, ...]", "none", "function-after[_phrase(), str]"})
+
+
 def _load_directory(directory: Path, *, packaged: bool = False) -> Catalog:
     common_path = directory / COMMON_FILE
     if not common_path.is_file():
         raise CatalogError(f"{directory}: no {COMMON_FILE}")
-    common = _Reader(common_path, _read_yaml(common_path))
-    patterns = common.string_map("patterns")
-    methods = common.string_map("graphic_methods")
-    shared_backgrounds = common.strings("backgrounds")
-    plain_background = common.string("plain_background")
-    if plain_background in shared_backgrounds:
-        raise CatalogError(f"{common_path}: plain_background is also a regular background")
+    common = _validated(CommonFile, common_path)
 
     category_paths = sorted(p for p in directory.glob("*.yaml") if p.name not in _SHARED_FILES)
     if not category_paths:
         raise CatalogError(f"{directory}: no category files beside {COMMON_FILE}")
-    categories = tuple(
-        _load_category(path, patterns, methods, shared_backgrounds, plain_background)
-        for path in category_paths
-    )
+    categories = tuple(_category(path, common) for path in category_paths)
 
+    lighting_settings = {cue.phrase: cue.setting for cue in common.ambient_lightings}
+    lighting_settings |= {cue.phrase: cue.setting for cue in common.lightings}
+    lighting_settings |= {cue.phrase: Setting.OUTDOOR for cue in common.times_of_day}
     return Catalog(
         categories=categories,
-        patterns=patterns,
-        graphic_methods=methods,
-        logos=common.strings("logos"),
-        texts=common.strings("texts"),
-        weather=common.cues("weather", instructions=True),
-        seasons=common.cues("seasons", named=True),
-        times_of_day=common.cues("times_of_day", named=True),
-        lightings=common.cues("lightings", named=True),
-        ambient_lightings=common.strings("ambient_lightings"),
-        mediums=common.strings("mediums"),
-        views=common.cues("views", instructions=True),
-        filters=common.cues("filters", instructions=True),
-        decors=common.cues("decors", instructions=True),
-        shadeable_colors=frozenset(common.strings("shadeable_colors")),
-        plain_background=plain_background,
-        input_odds=common.odds("input_odds"),
+        patterns=MappingProxyType(dict(common.patterns)),
+        graphic_methods=MappingProxyType(dict(common.graphic_methods)),
+        logos=common.logos,
+        texts=common.texts,
+        weather=_cues(f"{common_path}: weather", common.weather, name_from="noun"),
+        seasons=_cues(f"{common_path}: seasons", common.seasons),
+        times_of_day=_cues(f"{common_path}: times_of_day", common.times_of_day),
+        lightings=_cues(f"{common_path}: lightings", common.lightings),
+        ambient_lightings=_cues(f"{common_path}: ambient_lightings", common.ambient_lightings),
+        mediums=common.mediums,
+        views=_cues(f"{common_path}: views", common.views),
+        filters=_cues(f"{common_path}: filters", common.filters),
+        decors=_cues(f"{common_path}: decors", common.decors),
+        shadeable_colors=frozenset(common.shadeable_colors),
+        self_colored_materials=frozenset(common.self_colored_materials),
+        exclusive_values=frozenset(frozenset(pair) for pair in common.exclusive_values),
+        plain_background=common.plain_background,
+        input_odds=MappingProxyType(common.input_odds.model_dump()),
         edit_wordings=_edit_wordings(directory, packaged),
+        lighting_settings=MappingProxyType(lighting_settings),
+    )
+
+
+def _cues(where: str, entries: tuple[CueEntry, ...], name_from: str = "name") -> tuple[Cue, ...]:
+    cues = []
+    for index, entry in enumerate(entries):
+        templates = tuple(
+            _check_template(f"{where}[{index}].instructions[{i}]", template)
+            for i, template in enumerate(entry.instructions)
+        )
+        cues.append(Cue(entry.phrase, getattr(entry, name_from) or "", templates, entry.setting))
+    return tuple(cues)
+
+
+def _category(path: Path, common: CommonFile) -> Category:
+    context = {
+        "patterns": common.patterns,
+        "graphic_methods": common.graphic_methods,
+        "plain_background": common.plain_background,
+        "file_stem": path.stem,
+    }
+    file = _validated(CategoryFile, path, context)
+    defaults = file.defaults.model_dump()
+    products = tuple(
+        Product(
+            product.noun,
+            product.unit,
+            MappingProxyType(
+                {
+                    slot: own if (own := getattr(product, slot)) is not None else defaults[slot]
+                    for slot in ATTRIBUTE_SLOTS
+                }
+            ),
+        )
+        for product in file.products
+    )
+    settings: dict[str, Setting] = dict(file.surfaces.items())
+    settings |= dict(common.backgrounds.items())
+    settings |= dict(file.backgrounds.items())
+    places = file.places
+    settings |= dict.fromkeys(places.indoor, Setting.INDOOR)
+    settings |= dict.fromkeys(places.studio, Setting.STUDIO)
+    settings |= dict.fromkeys(places.outdoor, Setting.OUTDOOR)
+    settings[common.plain_background] = Setting.STUDIO
+    backgrounds = tuple(dict.fromkeys(common.backgrounds.phrases() + file.backgrounds.phrases()))
+    return Category(
+        name=file.name,
+        label=file.label,
+        products=products,
+        graphic_methods=file.graphic_methods,
+        companions=file.companions,
+        surfaces=file.surfaces.phrases(),
+        indoor_places=places.indoor + places.studio,
+        outdoor_places=places.outdoor,
+        backgrounds=backgrounds,
+        settings=MappingProxyType(settings),
     )
 
 
@@ -237,7 +351,8 @@ def _edit_wordings(directory: Path, packaged: bool) -> Mapping[str, EditWording]
 
 def _load_edit_wordings(path: Path) -> Mapping[str, EditWording]:
     # The edit types decide which entries exist and which placeholders each may
-    # use. Imported here, not at the top: edits.py builds on this module's types.
+    # use, so this file's schema is built from them rather than declared as a model.
+    # Imported here, not at the top: edits.py builds on this module's types.
     from .edits import EDIT_TYPES
 
     reader = _Reader(path, _read_yaml(path))
@@ -265,100 +380,11 @@ def _load_edit_wordings(path: Path) -> Mapping[str, EditWording]:
     return MappingProxyType(wordings)
 
 
-def _load_category(
-    path: Path,
-    patterns: Mapping[str, str],
-    methods: Mapping[str, str],
-    shared_backgrounds: tuple[str, ...],
-    plain_background: str,
-) -> Category:
-    reader = _Reader(path, _read_yaml(path))
-    name = reader.string("name")
-    if name != path.stem:
-        raise CatalogError(f"{path}: name {name!r} must match the file name {path.stem!r}")
-
-    graphic_methods = reader.strings("graphic_methods", allow_empty=True)
-    for method in graphic_methods:
-        if method not in methods:
-            raise CatalogError(f"{path}: graphic_methods: unknown method {method!r}")
-
-    defaults = reader.child("defaults")
-    default_values = {slot: defaults.strings(slot, allow_empty=True) for slot in ATTRIBUTE_SLOTS}
-    defaults.reject_unknown(ATTRIBUTE_SLOTS)
-    if not default_values["color"]:
-        raise CatalogError(f"{path}: defaults.color: a category needs colors")
-
-    products = []
-    for index, item in enumerate(reader.list("products")):
-        entry = _Reader(path, item, f"products[{index}]")
-        unit = entry.string("unit", default="")
-        if unit not in UNITS:
-            raise CatalogError(f"{entry.where('unit')}: must be one of {UNITS}")
-        entry.reject_unknown((*ATTRIBUTE_SLOTS, "noun", "unit"))
-        values = {
-            slot: entry.strings(slot, allow_empty=True) if slot in entry.data else default
-            for slot, default in default_values.items()
-        }
-        for adjective in values["pattern"]:
-            if adjective not in patterns:
-                raise CatalogError(f"{entry.where('pattern')}: unknown pattern {adjective!r}")
-        products.append(Product(entry.string("noun"), unit, MappingProxyType(values)))
-    nouns = [product.noun for product in products]
-    if len(set(nouns)) != len(nouns):
-        raise CatalogError(f"{path}: products: duplicate nouns")
-
-    places = reader.child("places")
-    places.reject_unknown(("indoor", "outdoor"))
-    surfaces = reader.strings("surfaces")
-    indoor, outdoor = places.strings("indoor"), places.strings("outdoor")
-    for surface in surfaces:
-        if not surface.startswith("on "):
-            raise CatalogError(f"{reader.where('surfaces')}: {surface!r} must start with 'on '")
-    for place in indoor + outdoor:
-        if not place.startswith(("in ", "at ", "on ")):
-            raise CatalogError(f"{path}: places: {place!r} must start with 'in', 'at' or 'on'")
-    if len(set(surfaces + indoor + outdoor)) != len(surfaces) + len(indoor) + len(outdoor):
-        raise CatalogError(f"{path}: a phrase is listed twice among surfaces and places")
-
-    backgrounds = _unique(shared_backgrounds + reader.strings("backgrounds", allow_empty=True))
-    if plain_background in backgrounds:
-        raise CatalogError(f"{path}: backgrounds: the plain background is not a regular one")
-
-    reader.reject_unknown(
-        (
-            "name",
-            "label",
-            "graphic_methods",
-            "defaults",
-            "products",
-            "companions",
-            "surfaces",
-            "places",
-            "backgrounds",
-        )
-    )
-    return Category(
-        name=name,
-        label=reader.string("label"),
-        products=tuple(products),
-        graphic_methods=graphic_methods,
-        companions=reader.strings("companions"),
-        surfaces=surfaces,
-        indoor_places=indoor,
-        outdoor_places=outdoor,
-        backgrounds=backgrounds,
-    )
-
-
 def _read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise CatalogError(f"{path}: not valid YAML: {exc}") from exc
-
-
-def _unique(values: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(values))
 
 
 def _check_phrase(where: str, value: Any) -> str:
@@ -421,9 +447,7 @@ class _Reader:
             raise CatalogError(f"{self.where(key)}: expected a non-empty list")
         return value
 
-    def string(self, key: str, default: str | None = None) -> str:
-        if default is not None and key not in self.data:
-            return default
+    def string(self, key: str) -> str:
         return _check_phrase(self.where(key), self._get(key))
 
     def strings(self, key: str, *, allow_empty: bool = False) -> tuple[str, ...]:
@@ -470,43 +494,3 @@ class _Reader:
             entry.reject_unknown(keys)
             variants.append(MappingProxyType({name: entry.string(name) for name in keys}))
         return tuple(variants)
-
-    def string_map(self, key: str) -> Mapping[str, str]:
-        value = self._get(key)
-        if not isinstance(value, dict) or not value:
-            raise CatalogError(f"{self.where(key)}: expected a non-empty mapping")
-        return MappingProxyType(
-            {
-                _check_phrase(self.where(key), k): _check_phrase(f"{self.where(key)}.{k}", v)
-                for k, v in value.items()
-            }
-        )
-
-    def odds(self, key: str) -> Mapping[str, float]:
-        entry = self.child(key)
-        entry.reject_unknown(INPUT_ODDS_KEYS)
-        odds = {}
-        for name in INPUT_ODDS_KEYS:
-            value = entry._get(name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-                raise CatalogError(f"{entry.where(name)}: expected a number from 0 to 1")
-            odds[name] = float(value)
-        for group, exhaustive in _ODDS_GROUPS:
-            total = sum(odds[name] for name in group)
-            if total > 1 + 1e-9 or (exhaustive and abs(total - 1) > 1e-9):
-                need = "add up to 1" if exhaustive else "add up to at most 1"
-                raise CatalogError(f"{self.where(key)}: {', '.join(group)} must {need}")
-        return MappingProxyType(odds)
-
-    def cues(self, key: str, *, named: bool = False, instructions: bool = False) -> tuple[Cue, ...]:
-        cues = []
-        for index, item in enumerate(self.list(key)):
-            entry = _Reader(self.path, item, f"{key}[{index}]")
-            entry.reject_unknown(("phrase", "name", "noun", "instructions"))
-            name = entry.string("name") if named else entry.string("noun", default="")
-            wordings = entry.templates("instructions") if instructions else ()
-            cues.append(Cue(entry.string("phrase"), name, wordings))
-        phrases = [cue.phrase for cue in cues]
-        if len(set(phrases)) != len(phrases):
-            raise CatalogError(f"{self.where(key)}: duplicate phrases")
-        return tuple(cues)

@@ -35,9 +35,20 @@ from typing import TypeVar
 
 from .articles import with_article
 from .catalog import Catalog, Category, Cue, EditWording, Product
+from .catalog_schema import Setting, compatible
 from .choices import free_choice
+from .coherence import fitting, lighting_fits, setting_of_scene
+from .lexicon import close_repeat, content_stems
 
-__all__ = ["BRAND_NEW", "EDIT_TYPES", "Edit", "EditContext", "EditType", "edit_type"]
+__all__ = [
+    "BRAND_NEW",
+    "DEFAULT_EDIT_TYPES",
+    "EDIT_TYPES",
+    "Edit",
+    "EditContext",
+    "EditType",
+    "edit_type",
+]
 
 T = TypeVar("T")
 
@@ -58,6 +69,8 @@ class EditContext:
     category: Category
     product: Product
     slots: dict[str, str]
+    # Whether a graphic may be exact text (only where lettering edits are asked for).
+    lettering: bool = False
 
     @property
     def plural(self) -> bool:
@@ -74,31 +87,81 @@ class EditContext:
         # random() indexing: cheaper than rng.choice() on this hot path.
         return values[int(self.rng.random() * len(values))]
 
-    def edit(self, changes: Mapping[str, str], wording: EditWording, **words: str) -> Edit:
+    def edit(
+        self,
+        changes: Mapping[str, str],
+        wording: EditWording,
+        *,
+        shade_of_old: bool = False,
+        **words: str,
+    ) -> Edit | None:
         """Word the edit with one of the templates ``wording`` has for ``words``.
 
         Templates that mention the old value ("{old}") only fit when there
         was one, so they are skipped when the slot was empty.
         """
         templates = wording.templates(words)
-        if not words.get("old"):
+        old, new = words.get("old"), words.get("new")
+        # Without an old value, or with one that shares a word with the new one
+        # ("from royal blue to sky blue"), name only the new value; a shade of the old
+        # color ("red" -> "dark red") is the exception: it is worded by the old one.
+        shared = new and not content_stems(old or "").isdisjoint(content_stems(new))
+        if not old or (shared and not shade_of_old):
             templates = _without_old_value(templates)
-        template = self.choice(templates)
-        return Edit(dict(changes), template.format_map(self.words() | words))
+        return self._worded(changes, templates, self.words() | words)
+
+    def _worded(
+        self, changes: Mapping[str, str], templates: tuple[str, ...], words: Mapping[str, str]
+    ) -> Edit | None:
+        """The edit with a random template whose wording repeats no word ("print a paw
+        print on it" is skipped for "stamp a paw print on it"); None if every one does."""
+        start = int(self.rng.random() * len(templates))
+        for offset in range(len(templates)):
+            instruction = templates[(start + offset) % len(templates)].format_map(words)
+            if not close_repeat(instruction):
+                return Edit(dict(changes), instruction)
+        return None
 
     def noun_phrase(self, adjective: str) -> str:
         """ "leather" -> "a leather handbag" / "leather sneakers"."""
         phrase = f"{adjective} {self.product.noun}"
         return phrase if self.plural else with_article(phrase)
 
-    def indoors(self) -> bool:
-        return self.slots["place"] in self.category.indoor_places
+    def fitting(self, slot: str, values: Sequence[str], **also: str) -> tuple[str, ...]:
+        """The values of ``slot`` that keep the scene coherent (``also``: what the edit
+        sets besides)."""
+        return fitting(self.catalog, self.category, self.slots, slot, values, **also)
+
+    def setting(self) -> Setting | None:
+        return setting_of_scene(self.category, self.slots)
+
+    def outdoors(self) -> bool:
+        return self.setting() is Setting.OUTDOOR
 
     def move_outdoors(self) -> None:
-        """Weather and seasons only make sense outside: swap an indoor place for a surface."""
-        if self.indoors():
-            self.slots["place"] = ""
-            self.slots["surface"] = self.choice(self.category.surfaces)
+        """Weather, seasons and times of day happen under the sky: make the input's scene
+        an outdoor one (an outdoor surface, or an outdoor place), dropping a backdrop or
+        lighting that only fits indoors. The input caption is written after this, so it
+        says the new scene; the edit itself changes only its own slot."""
+        if self.outdoors():
+            return
+        slots, category = self.slots, self.category
+        outdoor_surfaces = _outdoor_surfaces(category)
+        if slots["place"] or not outdoor_surfaces:
+            slots.update(place=self.choice(category.outdoor_places), surface="", background="")
+        else:
+            slots["surface"] = self.choice(outdoor_surfaces)
+            background = slots["background"]
+            if background and not compatible(category.settings[background], Setting.OUTDOOR):
+                slots["background"] = ""
+        lighting = slots["lighting"]
+        if lighting and not lighting_fits(self.catalog, lighting, Setting.OUTDOOR):
+            slots["lighting"] = ""
+
+
+@functools.cache
+def _outdoor_surfaces(category: Category) -> tuple[str, ...]:
+    return tuple(s for s in category.surfaces if category.settings[s] is Setting.OUTDOOR)
 
 
 @functools.cache
@@ -143,9 +206,14 @@ class EditType:
     placeholders: frozenset[str]
     # The keys of each of its ``variants`` in edits.yaml; empty: it has none.
     variant_keys: tuple[str, ...]
-    # Worded by the instructions of the values it sets (weather, camera
-    # views... in common.yaml), so it has no entry in edits.yaml.
+    # Worded by the instructions of the values it sets (weather, filters...
+    # in common.yaml), so it has no entry in edits.yaml.
     by_cues: bool
+    # Part of a run unless asked otherwise; off for edits Stable Diffusion 1.5
+    # renders badly (exact lettering), which a run must ask for by name.
+    default_enabled: bool = True
+    # Why a picture can show this edit with the layout kept (docs/DATAGEN.md's table).
+    why: str = ""
 
     def apply(self, ctx: EditContext) -> Edit | None:
         """The new value(s) and the instruction; None when this input cannot take the edit."""
@@ -186,6 +254,8 @@ def edit_type(
     placeholders: tuple[str, ...] = (),
     variant_keys: tuple[str, ...] = (),
     by_cues: bool = False,
+    default_enabled: bool = True,
+    why: str = "",
     prepare: Callable[[EditContext], None] = _nothing_to_prepare,
     supports: Callable[[Catalog, Category, Product], bool] = _always,
 ) -> Callable[[Draw], Draw]:
@@ -208,6 +278,8 @@ def edit_type(
             frozenset(placeholders),
             variant_keys,
             by_cues,
+            default_enabled,
+            why,
         )
         return draw
 
@@ -231,20 +303,30 @@ def _other_cue(ctx: EditContext, cues: tuple[Cue, ...], current: str) -> Cue | N
     return ctx.choice(others) if others else None
 
 
-def _cue_edit(ctx: EditContext, slot: str, cue: Cue, **clear: str) -> Edit:
-    template = ctx.choice(cue.instructions)
-    return Edit({slot: cue.phrase, **clear}, template.format_map(ctx.words()))
+def _cue_edit(ctx: EditContext, slot: str, cue: Cue, **clear: str) -> Edit | None:
+    return ctx._worded({slot: cue.phrase, **clear}, cue.instructions, ctx.words())
 
 
 # --- product attributes ----------------------------------------------------
+
+
+def _prepare_colorable(ctx: EditContext) -> None:
+    """A color word needs a material that is not its own color ("18k gold")."""
+    if ctx.slots["material"] in ctx.catalog.self_colored_materials:
+        ctx.slots["material"] = ""
 
 
 @edit_type(
     "color_change",
     "color",
     "Recolor the product.",
+    prepare=_prepare_colorable,
     supports=_needs_values("color", 2),
     placeholders=("old", "new", "a_new"),
+    why=(
+        "A new color is a large, local change of the product's own pixels; attention injection "
+        "keeps its shape."
+    ),
 )
 def _color_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     old, new = ctx.slots["color"], ctx.pick("color", ctx.product.values["color"])
@@ -254,6 +336,7 @@ def _color_change(ctx: EditContext, wording: EditWording) -> Edit | None:
 
 
 def _prepare_shadeable_color(ctx: EditContext) -> None:
+    _prepare_colorable(ctx)
     if ctx.slots["color"] not in ctx.catalog.shadeable_colors:
         shadeable = tuple(
             c for c in ctx.product.values["color"] if c in ctx.catalog.shadeable_colors
@@ -273,6 +356,10 @@ def _has_shadeable_color(catalog: Catalog, category: Category, product: Product)
     supports=_has_shadeable_color,
     placeholders=("old", "new", "comparative", "verb"),
     variant_keys=("shade", "comparative", "verb"),
+    why=(
+        "Same as a recolor, in one direction (darker/lighter); only colors that read with "
+        "dark/light."
+    ),
 )
 def _color_shade(ctx: EditContext, wording: EditWording) -> Edit | None:
     old = ctx.slots["color"]
@@ -283,6 +370,7 @@ def _color_shade(ctx: EditContext, wording: EditWording) -> Edit | None:
     return ctx.edit(
         {"color": new},
         wording,
+        shade_of_old=True,
         old=old,
         new=new,
         comparative=shade["comparative"],
@@ -296,12 +384,20 @@ def _color_shade(ctx: EditContext, wording: EditWording) -> Edit | None:
     "Make the product from another material the catalog allows for it.",
     supports=_needs_values("material", 2),
     placeholders=("old", "new", "new_product"),
+    why=(
+        "Materials the catalog allows for the product look different (leather vs canvas); a "
+        "metal that is its own color drops the color word."
+    ),
 )
 def _material_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     old, new = ctx.slots["material"], ctx.pick("material", ctx.product.values["material"])
     if new is None:
         return None
-    return ctx.edit({"material": new}, wording, old=old, new=new, new_product=ctx.noun_phrase(new))
+    changes = {"material": new}
+    if new in ctx.catalog.self_colored_materials:
+        # "make it 18k gold": the metal is the color now.
+        changes["color"] = ""
+    return ctx.edit(changes, wording, old=old, new=new, new_product=ctx.noun_phrase(new))
 
 
 @edit_type(
@@ -310,6 +406,10 @@ def _material_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     "Change the surface finish or texture.",
     supports=_needs_values("texture", 2),
     placeholders=("old", "new", "a_new"),
+    why=(
+        "Finishes visible at product-photo scale (quilted, glossy, distressed); per-product "
+        "lists, no fabric finishes on hard goods."
+    ),
 )
 def _texture_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     old, new = ctx.slots["texture"], ctx.pick("texture", ctx.product.values["texture"])
@@ -324,6 +424,7 @@ def _texture_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     "Add a pattern or print, or swap the one it has.",
     supports=_needs_values("pattern", 2),
     placeholders=("old", "new", "pattern", "old_pattern"),
+    why="A print or pattern covers the product's surface; its outline stays.",
 )
 def _pattern_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     old, new = ctx.slots["pattern"], ctx.pick("pattern", ctx.product.values["pattern"])
@@ -352,6 +453,7 @@ def _prepare_pattern(ctx: EditContext) -> None:
     prepare=_prepare_pattern,
     supports=_needs_values("pattern", 1),
     placeholders=("old", "old_pattern"),
+    why="The pattern goes, the product stays: a plain surface is easy to render.",
 )
 def _pattern_removal(ctx: EditContext, wording: EditWording) -> Edit | None:
     old = ctx.slots["pattern"]
@@ -382,6 +484,7 @@ def text_graphic(ctx: EditContext, method: str, text: str) -> str:
     "Print, embroider or engrave a logo on the product.",
     supports=_needs_graphic_methods,
     placeholders=("method", "a_logo", "a_done_logo"),
+    why="A logo or emblem is a small, local addition SD 1.5 draws well.",
 )
 def _logo_print(ctx: EditContext, wording: EditWording) -> Edit | None:
     method = ctx.choice(ctx.category.graphic_methods)
@@ -402,9 +505,14 @@ def _logo_print(ctx: EditContext, wording: EditWording) -> Edit | None:
 @edit_type(
     "text_print",
     "graphic",
-    "Put exact lettering on the product.",
+    "Put exact lettering on the product (off by default: SD 1.5 cannot spell).",
     supports=_needs_graphic_methods,
+    default_enabled=False,
     placeholders=("method", "text", "quoted"),
+    why=(
+        "Off by default: SD 1.5 cannot spell, so 'LOVE' comes out as glyph soup; opt in with "
+        "edit_types."
+    ),
 )
 def _text_print(ctx: EditContext, wording: EditWording) -> Edit | None:
     method = ctx.choice(ctx.category.graphic_methods)
@@ -419,7 +527,7 @@ def _text_print(ctx: EditContext, wording: EditWording) -> Edit | None:
 def _prepare_graphic(ctx: EditContext) -> None:
     if not ctx.slots["graphic"]:
         method = ctx.choice(ctx.category.graphic_methods)
-        if ctx.rng.random() < 0.5:
+        if not ctx.lettering or ctx.rng.random() < 0.5:
             ctx.slots["graphic"] = logo_graphic(ctx, method, ctx.choice(ctx.catalog.logos))
         else:
             ctx.slots["graphic"] = text_graphic(ctx, method, ctx.choice(ctx.catalog.texts))
@@ -432,6 +540,7 @@ def _prepare_graphic(ctx: EditContext) -> None:
     prepare=_prepare_graphic,
     supports=_needs_graphic_methods,
     placeholders=("what", "participle"),
+    why="Removing a logo leaves a plain surface; with lettering opt-in only, inputs carry logos.",
 )
 def _print_removal(ctx: EditContext, wording: EditWording) -> Edit | None:
     match = _GRAPHIC_PATTERN.match(ctx.slots["graphic"])
@@ -449,6 +558,10 @@ def _print_removal(ctx: EditContext, wording: EditWording) -> Edit | None:
     "Restyle the product's design.",
     supports=_needs_values("style", 2),
     placeholders=("old", "new", "a_new", "new_product"),
+    why=(
+        "Only styles with a visible look (vintage, chunky, cropped); non-visual ones (unisex, "
+        "wireless, eco-friendly) are not in the catalog."
+    ),
 )
 def _style_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     old, new = ctx.slots["style"], ctx.pick("style", ctx.product.values["style"])
@@ -474,6 +587,7 @@ def _aged_conditions(product: Product) -> tuple[str, ...]:
     "Make the product look used: worn, scuffed, dusty...",
     supports=_needs_values("condition", 1),
     placeholders=("new", "a_new"),
+    why="Wear (scuffed, faded, rusty) is a visible surface change that keeps the layout.",
 )
 def _aging(ctx: EditContext, wording: EditWording) -> Edit | None:
     new = ctx.pick("condition", _aged_conditions(ctx.product))
@@ -494,6 +608,7 @@ def _prepare_worn(ctx: EditContext) -> None:
     prepare=_prepare_worn,
     supports=_needs_values("condition", 1),
     placeholders=("old",),
+    why="The reverse of aging: a used look becomes new.",
 )
 def _restoration(ctx: EditContext, wording: EditWording) -> Edit | None:
     old = ctx.slots["condition"]
@@ -506,10 +621,17 @@ def _restoration(ctx: EditContext, wording: EditWording) -> Edit | None:
 
 
 @edit_type(
-    "surface_change", "surface", "Put the product on another surface.", placeholders=("new", "onto")
+    "surface_change",
+    "surface",
+    "Put the product on another surface.",
+    placeholders=("new", "onto"),
+    why=(
+        "A new surface under the product, chosen to fit the scene's setting (no marble "
+        "countertop in the rain)."
+    ),
 )
 def _surface_change(ctx: EditContext, wording: EditWording) -> Edit | None:
-    new = ctx.pick("surface", ctx.category.surfaces)
+    new = ctx.pick("surface", ctx.fitting("surface", ctx.category.surfaces, place=""))
     if new is None:
         return None
     return ctx.edit(
@@ -521,22 +643,30 @@ def _surface_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     )
 
 
-@edit_type("place_change", "place", "Move the product to another place.", placeholders=("new",))
+@edit_type(
+    "place_change",
+    "place",
+    "Move the product to another place.",
+    placeholders=("new",),
+    why="A new place around the product, chosen to fit its lighting and sky.",
+)
 def _place_change(ctx: EditContext, wording: EditWording) -> Edit | None:
-    new = ctx.pick("place", ctx.category.places)
+    places = ctx.fitting("place", ctx.category.places, surface="", background="")
+    new = ctx.pick("place", places)
     if new is None:
         return None
-    changes = {"place": new, "surface": "", "background": ""}
-    if new in ctx.category.indoor_places:
-        changes.update(weather="", season="")
-    return ctx.edit(changes, wording, new=new)
+    return ctx.edit({"place": new, "surface": "", "background": ""}, wording, new=new)
 
 
 @edit_type(
-    "background_change", "background", "Replace what is behind the product.", placeholders=("new",)
+    "background_change",
+    "background",
+    "Replace what is behind the product.",
+    placeholders=("new",),
+    why="A new backdrop behind the product, compatible with the surface's setting.",
 )
 def _background_change(ctx: EditContext, wording: EditWording) -> Edit | None:
-    new = ctx.pick("background", ctx.category.backgrounds)
+    new = ctx.pick("background", ctx.fitting("background", ctx.category.backgrounds, place=""))
     if new is None:
         return None
     return ctx.edit({"background": new, "place": ""}, wording, new=new)
@@ -547,17 +677,19 @@ def _background_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     "background",
     "Cut the product out onto a plain white background.",
     placeholders=("plain",),
+    why="A studio cut-out: the scene, sky and time of day go, the product stays.",
 )
 def _background_removal(ctx: EditContext, wording: EditWording) -> Edit | None:
     plain = ctx.catalog.plain_background
     if ctx.slots["background"] == plain:
         return None
-    return ctx.edit(
-        # A cut-out keeps the product (and what stands next to it), not the scene.
-        {"background": plain, "surface": "", "place": "", "weather": "", "season": "", "decor": ""},
-        wording,
-        plain=plain,
-    )
+    # A cut-out keeps the product (and what stands next to it), not the scene.
+    changes = {"background": plain, "surface": "", "place": "", "weather": "", "season": ""}
+    changes["decor"] = ""
+    lighting = ctx.slots["lighting"]
+    if lighting and not lighting_fits(ctx.catalog, lighting, Setting.STUDIO):
+        changes["lighting"] = ""  # no sunset behind a white sweep
+    return ctx.edit(changes, wording, plain=plain)
 
 
 def _prepare_outdoors(ctx: EditContext) -> None:
@@ -570,8 +702,14 @@ def _prepare_outdoors(ctx: EditContext) -> None:
     "Add weather: snow, rain, fog...",
     prepare=_prepare_outdoors,
     by_cues=True,
+    why=(
+        "Only outdoors (the input is moved outdoors and indoor light dropped first): snow or "
+        "rain over an open scene."
+    ),
 )
 def _weather_change(ctx: EditContext, wording: EditWording) -> Edit | None:
+    if not ctx.outdoors():
+        return None
     cue = _other_cue(ctx, ctx.catalog.weather, ctx.slots["weather"])
     if cue is None:
         return None
@@ -592,10 +730,11 @@ def _prepare_weather(ctx: EditContext) -> None:
     "Clear the weather away.",
     prepare=_prepare_weather,
     placeholders=("weather",),
+    why="Only outdoors: the weather goes, the scene stays.",
 )
 def _weather_clearing(ctx: EditContext, wording: EditWording) -> Edit | None:
     cue = _cue_named(ctx.catalog.weather, ctx.slots["weather"])
-    if cue is None:
+    if cue is None or not ctx.outdoors():
         return None
     return ctx.edit({"weather": ""}, wording, weather=cue.name or "weather")
 
@@ -606,8 +745,11 @@ def _weather_clearing(ctx: EditContext, wording: EditWording) -> Edit | None:
     "Change the season.",
     prepare=_prepare_outdoors,
     placeholders=("name", "phrase"),
+    why="Only outdoors: foliage, snow and light show the season.",
 )
 def _season_change(ctx: EditContext, wording: EditWording) -> Edit | None:
+    if not ctx.outdoors():
+        return None
     cue = _other_cue(ctx, ctx.catalog.seasons, ctx.slots["season"])
     if cue is None:
         return None
@@ -617,9 +759,16 @@ def _season_change(ctx: EditContext, wording: EditWording) -> Edit | None:
 
 
 @edit_type(
-    "time_of_day_change", "lighting", "Change the time of day.", placeholders=("name", "phrase")
+    "time_of_day_change",
+    "lighting",
+    "Change the time of day (outdoors).",
+    prepare=_prepare_outdoors,
+    placeholders=("name", "phrase"),
+    why="Only outdoors: sky color and light direction show the time of day.",
 )
 def _time_of_day_change(ctx: EditContext, wording: EditWording) -> Edit | None:
+    if not ctx.outdoors():
+        return None
     cue = _other_cue(ctx, ctx.catalog.times_of_day, ctx.slots["lighting"])
     if cue is None:
         return None
@@ -631,12 +780,25 @@ def _time_of_day_change(ctx: EditContext, wording: EditWording) -> Edit | None:
     "lighting",
     "Relight the scene: studio, neon, candlelight...",
     placeholders=("name", "phrase"),
+    why=(
+        "Only lights that fit the setting (no studio light on a beach); light changes color and"
+        " shadows, not the layout."
+    ),
 )
 def _lighting_change(ctx: EditContext, wording: EditWording) -> Edit | None:
-    cue = _other_cue(ctx, ctx.catalog.lightings, ctx.slots["lighting"])
+    setting = ctx.setting()
+    if setting is None:
+        return None
+    lightings = _lightings_for(ctx.catalog, setting)
+    cue = _other_cue(ctx, lightings, ctx.slots["lighting"])
     if cue is None:
         return None
     return ctx.edit({"lighting": cue.phrase}, wording, name=cue.name, phrase=cue.phrase)
+
+
+@functools.cache
+def _lightings_for(catalog: Catalog, setting: Setting) -> tuple[Cue, ...]:
+    return tuple(c for c in catalog.lightings if lighting_fits(catalog, c.phrase, setting))
 
 
 def _prepare_no_companion(ctx: EditContext) -> None:
@@ -649,6 +811,7 @@ def _prepare_no_companion(ctx: EditContext) -> None:
     "Add an object next to the product.",
     prepare=_prepare_no_companion,
     placeholders=("a_new",),
+    why="One familiar object next to the product: a local addition.",
 )
 def _object_addition(ctx: EditContext, wording: EditWording) -> Edit | None:
     if ctx.slots["companion"]:
@@ -671,6 +834,7 @@ def _prepare_companion(ctx: EditContext) -> None:
     prepare=_prepare_companion,
     supports=_needs_two_companions,
     placeholders=("old", "a_new"),
+    why="One object swapped for another of similar size.",
 )
 def _object_replacement(ctx: EditContext, wording: EditWording) -> Edit | None:
     old = ctx.slots["companion"]
@@ -686,6 +850,7 @@ def _object_replacement(ctx: EditContext, wording: EditWording) -> Edit | None:
     "Remove the object next to the product.",
     prepare=_prepare_companion,
     placeholders=("old",),
+    why="One object removed; the product and scene stay.",
 )
 def _object_removal(ctx: EditContext, wording: EditWording) -> Edit | None:
     old = ctx.slots["companion"]
@@ -694,7 +859,15 @@ def _object_removal(ctx: EditContext, wording: EditWording) -> Edit | None:
     return ctx.edit({"companion": ""}, wording, old=old)
 
 
-@edit_type("festive_decor", "decor", "Surround the product with themed decorations.", by_cues=True)
+@edit_type(
+    "festive_decor",
+    "decor",
+    "Surround the product with themed decorations.",
+    by_cues=True,
+    why=(
+        "Props around the product (ornaments, confetti): a visible addition that keeps the product."
+    ),
+)
 def _festive_decor(ctx: EditContext, wording: EditWording) -> Edit | None:
     cue = _other_cue(ctx, ctx.catalog.decors, ctx.slots["decor"])
     return None if cue is None else _cue_edit(ctx, "decor", cue)
@@ -703,13 +876,18 @@ def _festive_decor(ctx: EditContext, wording: EditWording) -> Edit | None:
 # --- the picture as a whole -------------------------------------------------
 
 
-@edit_type("camera_view", "view", "Change the camera angle or framing.", by_cues=True)
-def _camera_view(ctx: EditContext, wording: EditWording) -> Edit | None:
-    cue = _other_cue(ctx, ctx.catalog.views, ctx.slots["view"])
-    return None if cue is None else _cue_edit(ctx, "view", cue)
+# No camera-view edit: Prompt-to-Prompt keeps the input's layout by injecting its
+# attention maps, so "show it from above" comes out as the same picture, and an
+# editor trained on such pairs learns to ignore the instruction.
 
 
-@edit_type("color_grade", "filter", "Apply a photo filter: black and white, sepia...", by_cues=True)
+@edit_type(
+    "color_grade",
+    "filter",
+    "Apply a photo filter: black and white, sepia...",
+    by_cues=True,
+    why="A global color transform (black and white, sepia) any image model can show.",
+)
 def _color_grade(ctx: EditContext, wording: EditWording) -> Edit | None:
     cue = _other_cue(ctx, ctx.catalog.filters, ctx.slots["filter"])
     return None if cue is None else _cue_edit(ctx, "filter", cue)
@@ -720,6 +898,10 @@ def _color_grade(ctx: EditContext, wording: EditWording) -> Edit | None:
     "medium",
     "Turn the photo into an artwork: watercolor, sketch, oil painting, 3D render...",
     placeholders=("a_new",),
+    why=(
+        "A whole-image style (watercolor, sketch) that keeps the composition: what "
+        "Prompt-to-Prompt does best."
+    ),
 )
 def _art_style(ctx: EditContext, wording: EditWording) -> Edit | None:
     new = ctx.pick("medium", ctx.catalog.mediums)
@@ -739,6 +921,7 @@ def _prepare_medium(ctx: EditContext) -> None:
     "Turn an artwork back into a realistic photo.",
     prepare=_prepare_medium,
     placeholders=("old", "a_old"),
+    why="The reverse: an artwork becomes a photo with the same composition.",
 )
 def _photo_realism(ctx: EditContext, wording: EditWording) -> Edit | None:
     old = ctx.slots["medium"]
@@ -748,3 +931,5 @@ def _photo_realism(ctx: EditContext, wording: EditWording) -> Edit | None:
 
 
 EDIT_TYPES: tuple[EditType, ...] = tuple(_REGISTRY.values())
+# The edit types a run uses unless it names its own.
+DEFAULT_EDIT_TYPES: tuple[str, ...] = tuple(e.name for e in EDIT_TYPES if e.default_enabled)

@@ -21,20 +21,37 @@ and ``SpaceExhaustedError`` says so instead of looping.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from .captions import SLOT_NAMES, empty_slots, render_caption
+from .captions import ADJECTIVE_SLOTS, SLOT_NAMES, empty_slots, render_caption
 from .catalog import Catalog, Category, Product, load_catalog
+from .catalog_schema import Setting, compatible
 from .choices import free_choice
-from .edits import EDIT_TYPES, EditContext, EditType, logo_graphic, text_graphic
+from .coherence import DEFAULT_MAX_ATTRIBUTES, coherent, lighting_fits, setting_of_scene
+from .edits import (
+    DEFAULT_EDIT_TYPES,
+    EDIT_TYPES,
+    EditContext,
+    EditType,
+    logo_graphic,
+    text_graphic,
+)
 
 T = TypeVar("T")
 
-__all__ = ["MAX_ROWS", "SpaceExhaustedError", "TextRow", "sample_input", "synthesize"]
+__all__ = [
+    "MAX_ROWS",
+    "SpaceExhaustedError",
+    "TextRow",
+    "resolve_edit_types",
+    "sample_input",
+    "synthesize",
+]
 
 # One run keeps every (caption, instruction) key in memory to stay unique;
 # beyond this the caller should split the run over seeds.
@@ -86,8 +103,33 @@ class TextRow:
         }
 
 
-def synthesize(rows: int, seed: int, catalog: Catalog | None = None) -> Iterator[TextRow]:
+def resolve_edit_types(names: Sequence[str] | None = None) -> tuple[EditType, ...]:
+    """The edit types of these names, in registry order (None: the default set, which
+    leaves out the opt-in ones such as ``text_print``). Unknown names raise ValueError."""
+    wanted = DEFAULT_EDIT_TYPES if names is None else tuple(names)
+    known = {edit.name for edit in EDIT_TYPES}
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise ValueError(f"unknown edit types {unknown}; known: {sorted(known)}")
+    if not wanted:
+        raise ValueError("edit_types must name at least one edit type")
+    return tuple(edit for edit in EDIT_TYPES if edit.name in wanted)
+
+
+def synthesize(
+    rows: int,
+    seed: int,
+    catalog: Catalog | None = None,
+    *,
+    edit_types: Sequence[str] | None = None,
+    max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
+) -> Iterator[TextRow]:
     """Yield ``rows`` unique, balanced rows, reproducibly from ``seed``.
+
+    ``edit_types``: the names to draw from (None: every edit type enabled by
+    default; exact lettering, ``text_print``, only when named). ``max_attributes``:
+    the most attribute words (color, material, style...) in front of the noun of
+    either caption.
 
     Arguments are checked now; rows are produced lazily. Raises
     ``SpaceExhaustedError`` (while iterating) if the catalog cannot produce
@@ -99,7 +141,27 @@ def synthesize(rows: int, seed: int, catalog: Catalog | None = None) -> Iterator
         raise ValueError(f"rows={rows} is over the {MAX_ROWS} limit of one run; split the run")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    return _generate(rows, seed, catalog if catalog is not None else load_catalog())
+    if isinstance(max_attributes, bool) or not isinstance(max_attributes, int):
+        raise ValueError(f"max_attributes must be an integer, got {max_attributes!r}")
+    if not 1 <= max_attributes <= len(ADJECTIVE_SLOTS):
+        raise ValueError(
+            f"max_attributes must be 1 to {len(ADJECTIVE_SLOTS)}, got {max_attributes}"
+        )
+    options = _Options(resolve_edit_types(edit_types), max_attributes)
+    return _generate(rows, seed, catalog if catalog is not None else load_catalog(), options)
+
+
+@dataclass(frozen=True, slots=True)
+class _Options:
+    edit_types: tuple[EditType, ...]
+    max_attributes: int
+
+    @property
+    def lettering(self) -> bool:
+        """Exact text on products only where lettering edits are asked for: Stable
+        Diffusion 1.5 cannot spell, so captions that quote text describe images it
+        cannot make."""
+        return any(edit.name == "text_print" for edit in self.edit_types)
 
 
 @dataclass(slots=True, eq=False)  # identity: retire() removes this very cell
@@ -130,11 +192,11 @@ class _CategorySchedule:
             self._order.remove(cell)
 
 
-def _schedules(catalog: Catalog) -> list[_CategorySchedule]:
+def _schedules(catalog: Catalog, options: _Options) -> list[_CategorySchedule]:
     schedules = []
     for category in catalog.categories:
         cells = []
-        for edit in EDIT_TYPES:
+        for edit in options.edit_types:
             products = tuple(p for p in category.products if edit.supports(catalog, category, p))
             if products:
                 cells.append(_Cell(category, edit, products))
@@ -143,9 +205,9 @@ def _schedules(catalog: Catalog) -> list[_CategorySchedule]:
     return schedules
 
 
-def _generate(rows: int, seed: int, catalog: Catalog) -> Iterator[TextRow]:
+def _generate(rows: int, seed: int, catalog: Catalog, options: _Options) -> Iterator[TextRow]:
     rng = random.Random(seed)
-    schedules = _schedules(catalog)
+    schedules = _schedules(catalog, options)
     seen: set[tuple[str, str]] = set()
     turn = 0
     while len(seen) < rows:
@@ -156,7 +218,7 @@ def _generate(rows: int, seed: int, catalog: Catalog) -> Iterator[TextRow]:
             )
         schedule = schedules[turn % len(schedules)]
         cell = schedule.next_cell(rng)
-        row = _draw(rng, catalog, cell, seen, seed)
+        row = _draw(rng, catalog, cell, seen, seed, options)
         if row is None:
             schedule.retire(cell)
             if not schedule.cells:
@@ -167,24 +229,44 @@ def _generate(rows: int, seed: int, catalog: Catalog) -> Iterator[TextRow]:
 
 
 def _draw(
-    rng: random.Random, catalog: Catalog, cell: _Cell, seen: set[tuple[str, str]], seed: int
+    rng: random.Random,
+    catalog: Catalog,
+    cell: _Cell,
+    seen: set[tuple[str, str]],
+    seed: int,
+    options: _Options,
 ) -> TextRow | None:
-    """A new unique row for ``cell``, or None after too many misses in a row."""
+    """A new unique, coherent row for ``cell``, or None after too many misses in a row."""
+    category, limit = cell.category, options.max_attributes
+    # Leave room for the attribute the edit adds, so the output stays within the limit.
+    reserve = cell.edit.slot if cell.edit.slot in ADJECTIVE_SLOTS else None
     for _ in range(MAX_CONSECUTIVE_MISSES):
         product = cell.products[int(rng.random() * len(cell.products))]
-        ctx = EditContext(
-            rng, catalog, cell.category, product, sample_input(rng, catalog, cell.category, product)
+        slots = sample_input(
+            rng,
+            catalog,
+            category,
+            product,
+            max_attributes=limit,
+            reserve=reserve,
+            lettering=options.lettering,
         )
+        ctx = EditContext(rng, catalog, category, product, slots, options.lettering)
         cell.edit.prepare(ctx)
         edit = cell.edit.apply(ctx)
         if edit is None:
             continue
         input_slots = ctx.slots
+        output_slots = {**input_slots, **edit.changes}
+        if not (
+            coherent(catalog, category, input_slots, limit)
+            and coherent(catalog, category, output_slots, limit)
+        ):
+            continue
         input_caption = render_caption(input_slots)
         key = (input_caption, edit.instruction)
         if key in seen:
             continue
-        output_slots = {**input_slots, **edit.changes}
         changed = tuple(
             sorted(
                 (s for s, value in edit.changes.items() if value != input_slots[s]),
@@ -210,10 +292,23 @@ def _draw(
 
 
 def sample_input(
-    rng: random.Random, catalog: Catalog, category: Category, product: Product
+    rng: random.Random,
+    catalog: Catalog,
+    category: Category,
+    product: Product,
+    *,
+    max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
+    reserve: str | None = None,
+    lettering: bool = False,
 ) -> dict[str, str]:
-    """Random input slots for ``product``: attributes, a setting, sometimes extras,
-    each as often as the catalog's ``input_odds`` say."""
+    """Random, coherent input slots for ``product``: attributes, a setting, sometimes
+    extras, each as often as the catalog's ``input_odds`` say.
+
+    At most ``max_attributes`` attribute words, one fewer besides ``reserve`` (the
+    attribute slot an edit will set), so the edited caption keeps to the limit too.
+    The scene's parts are drawn to agree (see ``coherence``). ``lettering``: whether a
+    printed graphic may be exact text rather than a logo.
+    """
     odds = catalog.input_odds
     # Hot path (two calls per row): index with random() instead of choice(),
     # which costs several Python-level calls per draw.
@@ -221,22 +316,31 @@ def sample_input(
     slots = empty_slots()
     slots["product"] = product.noun
     slots["unit"] = product.unit
+    room = max_attributes - (reserve is not None)
     for slot in _ATTRIBUTE_DRAW_ORDER:
         values = product.values[slot]
-        if values and chance() < odds[slot]:
-            slots[slot] = free_choice(rng, values, slots, slot) or ""
+        if not values or chance() >= odds[slot]:
+            continue
+        if slot != reserve:
+            if room <= 0:
+                continue
+            room -= 1
+        if slot == "material" and slots["color"]:
+            values = _colorable(catalog, values)
+        slots[slot] = free_choice(rng, values, slots, slot) or ""
 
     # On a surface (maybe with a backdrop) or somewhere, never both: the two
     # read oddly together ("on sand in a stadium").
-    setting = chance()
-    if setting < odds["surface"]:
-        slots["surface"] = _pick(chance, category.surfaces)
+    where = chance()
+    if where < odds["surface"]:
+        slots["surface"] = surface = _pick(chance, category.surfaces)
         if chance() < odds["background"]:
-            slots["background"] = _pick(chance, category.backgrounds)
-    elif setting < odds["surface"] + odds["indoor_place"]:
+            slots["background"] = _pick(chance, _backgrounds_with(category, surface))
+    elif where < odds["surface"] + odds["indoor_place"]:
         slots["place"] = _pick(chance, category.indoor_places)
     else:
         slots["place"] = _pick(chance, category.outdoor_places)
+    setting = setting_of_scene(category, slots) or Setting.EITHER
 
     if chance() < odds["companion"]:
         slots["companion"] = free_choice(rng, category.companions, slots, "companion") or ""
@@ -245,20 +349,24 @@ def sample_input(
     if category.graphic_methods and chance() < odds["graphic"]:
         ctx = EditContext(rng, catalog, category, product, slots)
         method = _pick(chance, category.graphic_methods)
-        if chance() < 0.5:
+        if not lettering or chance() < 0.5:
             slots["graphic"] = logo_graphic(ctx, method, _pick(chance, catalog.logos))
         else:
             slots["graphic"] = text_graphic(ctx, method, _pick(chance, catalog.texts))
 
     light = chance()
     if light < (threshold := odds["ambient_lighting"]):
-        slots["lighting"] = _pick(chance, catalog.ambient_lightings)
+        lights = _lightings_for(catalog, "ambient_lightings", setting)
     elif light < (threshold := threshold + odds["time_of_day"]):
-        slots["lighting"] = _pick(chance, catalog.times_of_day).phrase
+        lights = _lightings_for(catalog, "times_of_day", setting)
     elif light < threshold + odds["lighting"]:
-        slots["lighting"] = _pick(chance, catalog.lightings).phrase
+        lights = _lightings_for(catalog, "lightings", setting)
+    else:
+        lights = ()
+    if lights:
+        slots["lighting"] = _pick(chance, lights)
 
-    if slots["place"] not in category.indoor_places:
+    if setting is Setting.OUTDOOR:
         sky = chance()
         if sky < odds["weather"]:
             slots["weather"] = _pick(chance, catalog.weather).phrase
@@ -275,3 +383,23 @@ def sample_input(
 
 def _pick(chance: Callable[[], float], values: Sequence[T]) -> T:
     return values[int(chance() * len(values))]
+
+
+@functools.cache
+def _colorable(catalog: Catalog, materials: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(m for m in materials if m not in catalog.self_colored_materials)
+
+
+@functools.cache
+def _backgrounds_with(category: Category, surface: str) -> tuple[str, ...]:
+    """The backgrounds that can stand behind ``surface`` (a countertop: no mountain range)."""
+    where = category.settings[surface]
+    return tuple(b for b in category.backgrounds if compatible(category.settings[b], where))
+
+
+@functools.cache
+def _lightings_for(catalog: Catalog, kind: str, setting: Setting) -> tuple[str, ...]:
+    """The phrases of one kind of lighting that fit a scene of ``setting``."""
+    return tuple(
+        cue.phrase for cue in getattr(catalog, kind) if lighting_fits(catalog, cue.phrase, setting)
+    )

@@ -3,7 +3,8 @@
     python -m services.datagen.text.taxonomy > /tmp/taxonomy.md
 
 Examples are the first row of each (category, edit type) in the paper-sized
-run (3,000 rows, seed 0), so the doc shows exactly what the CLI writes.
+run (3,000 rows, seed 0, every edit type including the opt-in ones), so the
+doc shows exactly what the CLI writes.
 """
 
 from __future__ import annotations
@@ -15,20 +16,48 @@ from .catalog import Catalog, load_catalog
 from .edits import EDIT_TYPES
 from .synthesizer import TextRow, synthesize
 
-__all__ = ["category_table", "edit_type_table", "examples", "matrix", "sample_table"]
+__all__ = [
+    "category_table",
+    "edit_type_table",
+    "examples",
+    "matrix",
+    "sample_table",
+    "varied_rows",
+]
 
 DOC_ROWS = 3000
 DOC_SEED = 0
+# The sample rows of the doc: this many, from different categories and edit types.
+DOC_SAMPLES = 20
 
 
 def examples(
     catalog: Catalog, rows: int = DOC_ROWS, seed: int = DOC_SEED
 ) -> dict[tuple[str, str], TextRow]:
-    """First row per (category, edit type)."""
+    """First row per (category, edit type), every edit type included."""
+    every = [edit.name for edit in EDIT_TYPES]
     found: dict[tuple[str, str], TextRow] = {}
-    for row in synthesize(rows, seed, catalog):
+    for row in synthesize(rows, seed, catalog, edit_types=every):
         found.setdefault((row.category, row.edit_type), row)
     return found
+
+
+def varied_rows(catalog: Catalog, count: int = DOC_SAMPLES, seed: int = DOC_SEED) -> list[TextRow]:
+    """``count`` rows of a default run, each of an edit type no earlier one has, and at
+    most two per category: the spread of a run at a glance."""
+    per_category = -(-count // len(catalog.categories))
+    chosen: list[TextRow] = []
+    edit_types: set[str] = set()
+    categories: dict[str, int] = {}
+    for row in synthesize(DOC_ROWS, seed, catalog):
+        if row.edit_type in edit_types or categories.get(row.category, 0) >= per_category:
+            continue
+        chosen.append(row)
+        edit_types.add(row.edit_type)
+        categories[row.category] = categories.get(row.category, 0) + 1
+        if len(chosen) == count:
+            break
+    return chosen
 
 
 def _cell(text: str) -> str:
@@ -67,16 +96,25 @@ def edit_type_table(catalog: Catalog, found: dict[tuple[str, str], TextRow]) -> 
         row = next(found[(name, edit.name)] for name in rotated if (name, edit.name) in found)
         body.append(
             (
-                f"`{edit.name}`",
+                f"`{edit.name}`" + ("" if edit.default_enabled else " (opt-in)"),
                 f"`{edit.slot}`",
                 edit.summary,
+                edit.why,
                 f"*{row.instruction}*",
                 row.input_caption,
                 row.output_caption,
             )
         )
     return _table(
-        ("edit type", "slot", "what it does", "instruction", "input caption", "output caption"),
+        (
+            "edit type",
+            "slot",
+            "what it does",
+            "why a picture can show it",
+            "instruction",
+            "input caption",
+            "output caption",
+        ),
         body,
     )
 
@@ -122,8 +160,7 @@ def main() -> int:
     out.write("### Categories\n\n" + category_table(catalog) + "\n\n")
     out.write("### Edit types\n\n" + edit_type_table(catalog, found) + "\n\n")
     out.write("### Categories x edit types\n\n" + matrix(catalog, found) + "\n\n")
-    first_rows = list(synthesize(10, DOC_SEED, catalog))
-    out.write("### Sample rows\n\n" + sample_table(first_rows) + "\n")
+    out.write("### Sample rows\n\n" + sample_table(varied_rows(catalog)) + "\n")
     return 0
 
 
