@@ -112,7 +112,12 @@ def fail(message: str, exit_code: int = EXIT_API) -> typer.Exit:
 
 def api_error_exit(exc: APIError) -> typer.Exit:
     code = EXIT_USAGE if exc.code in BAD_FILE_CODES or exc.code.startswith("mask_") else EXIT_API
-    return fail(f"error: {exc.code}: {exc.message}", code)
+    lines = [f"error: {exc.code}: {exc.message}"]
+    # Item by item where the API says (captions it could not map, rows an audit rule
+    # rejects): one line each, so the file can be fixed.
+    for detail in exc.details or ():
+        lines.append("  " + json.dumps(detail, ensure_ascii=False))
+    return fail("\n".join(lines), code)
 
 
 @contextlib.contextmanager
@@ -648,13 +653,52 @@ def _flat(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
             yield f"{prefix}{key}", str(value)
 
 
+def read_caption_lines(path: Path) -> list[Any]:
+    """A captions file as the API takes it: each line a JSON string or object, or plain
+    text; blank lines and lines starting with # are skipped."""
+    captions: list[Any] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        captions.append(value if isinstance(value, str | dict) else text)
+    if not captions:
+        raise CLIError(f"{path}: no captions", EXIT_USAGE)
+    return captions
+
+
 @datasets_app.command("create")
 @handles_errors
 def datasets_create(
-    rows: Annotated[int, typer.Option("--rows", help="caption rows to synthesize")],
+    rows: Annotated[int | None, typer.Option("--rows", help="caption rows to synthesize")] = None,
+    captions: Annotated[
+        Path | None,
+        typer.Option(
+            "--captions",
+            help="your own product captions instead of --rows: plain text (one per line) "
+            "or JSON Lines (a string or {caption, category, product, attributes, id})",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    edits_per_caption: Annotated[
+        int | None, typer.Option("--edits-per-caption", help="rows per caption (1-10)")
+    ] = None,
+    edit_types: Annotated[
+        str | None,
+        typer.Option("--edit-types", help="comma-separated edit types (default: the defaults)"),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="the synthesizer's seed")] = 0,
     pairs: Annotated[
-        int | None, typer.Option("--pairs", help="image pairs sampled per row (1-16)")
+        int | None, typer.Option("--pairs", help="image pairs kept per row (1-16)")
+    ] = None,
+    candidates: Annotated[
+        int | None,
+        typer.Option("--candidates", help="candidate pairs per row (default 100 with the filter)"),
     ] = None,
     steps: Annotated[
         int | None, typer.Option("--steps", help="text-to-image denoising steps")
@@ -666,9 +710,18 @@ def datasets_create(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the run as JSON")] = False,
 ) -> None:
-    """Start a dataset generation run."""
-    spec: dict[str, Any] = {"num_rows": rows, "seed": seed}
+    """Start a dataset generation run: --rows synthesized captions, or your own --captions."""
+    if (rows is None) == (captions is None):
+        raise CLIError("give --rows or --captions (one of them)", EXIT_USAGE)
+    spec: dict[str, Any] = {"seed": seed}
+    if captions is not None:
+        spec["captions"] = read_caption_lines(captions)
+    else:
+        spec["num_rows"] = rows
     for name, value in (
+        ("edits_per_caption", edits_per_caption),
+        ("edit_types", edit_types.split(",") if edit_types else None),
+        ("candidates_per_row", candidates),
         ("pairs_per_row", pairs),
         ("num_inference_steps", steps),
         ("resolution", resolution),

@@ -327,3 +327,28 @@ def test_datasets_create_status_cancel(stack):
     assert json.loads(canceled.stdout)["status"] in ("canceled", "canceling")
     missing = run_cli("datasets", "status", "nope", url=stack.base_url, key=key)
     assert missing.returncode == 1 and missing.stderr.startswith("error: ")
+
+
+def test_datasets_create_from_your_own_captions(stack, tmp_path):
+    key = _fresh_key(stack)
+    captions = tmp_path / "captions.txt"
+    captions.write_text('# my products\nblack hoodie\n{"caption": "a red leather handbag"}\n')
+    created = run_cli(
+        "datasets", "create", "--captions", str(captions), "--edits-per-caption", "2",
+        "--pairs", "1", "--json", url=stack.base_url, key=key,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    run = json.loads(created.stdout)
+    assert run["spec"]["rows_count"] == 4
+    run_cli("datasets", "cancel", run["id"], url=stack.base_url, key=key)
+
+    captions.write_text("black hoodie\na bottle of olive oil\n")
+    refused = run_cli("datasets", "create", "--captions", str(captions), url=stack.base_url,
+                      key=key)  # fmt: skip
+    assert refused.returncode == 1
+    first, detail = refused.stderr.splitlines()[:2]
+    assert first.startswith("error: captions_unmapped: 1 of 2 captions")
+    assert json.loads(detail)["index"] == 1
+    both = run_cli("datasets", "create", "--rows", "2", "--captions", str(captions),
+                   url=stack.base_url, key=key)  # fmt: skip
+    assert both.returncode == 2 and "one of them" in both.stderr
