@@ -205,12 +205,9 @@ class _TextOptions(BaseModel):
         if names is None:
             return None
         # The edit types are the text synthesizer's (pure Python, no model).
-        from services.datagen.text import EDIT_TYPE_NAMES
+        from services.datagen.text import resolve_edit_types
 
-        unknown = sorted(set(names) - set(EDIT_TYPE_NAMES))
-        if unknown:
-            raise ValueError(f"unknown edit types {unknown}; known: {', '.join(EDIT_TYPE_NAMES)}")
-        return sorted(set(names), key=EDIT_TYPE_NAMES.index)
+        return [edit.name for edit in resolve_edit_types(names)]
 
 
 class CaptionIn(BaseModel):

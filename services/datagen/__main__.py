@@ -21,6 +21,7 @@ from services.datagen.text import (
     CatalogError,
     SpaceExhaustedError,
     load_catalog,
+    resolve_edit_types,
     synthesize,
     write_jsonl,
 )
@@ -105,13 +106,10 @@ def add_text_command(subparsers: Subparsers) -> None:
 
 def _names(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = sorted(set(names) - set(EDIT_TYPE_NAMES))
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown edit types {unknown}; known: {', '.join(EDIT_TYPE_NAMES)}"
-            if unknown
-            else "name at least one edit type"
-        )
+    try:
+        resolve_edit_types(names)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return names
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.datagen.text.catalog_schema import ATTRIBUTE_SLOTS
 from services.datagen.text.lexicon import close_repeat
 
 __all__ = [
@@ -187,27 +188,49 @@ _OUTDOOR = _terms_pattern(OUTDOOR_TERMS)
 _SETTING_SLOTS = ("surface", "place", "background")
 
 
+@dataclass(frozen=True, slots=True)
+class _Vocabulary:
+    nouns: frozenset[str]
+    # Attribute values (colors, materials, styles...) and pattern adjectives.
+    values: frozenset[str]
+    # Other words for a product's look or company: logos, pattern names, companions.
+    looks: frozenset[str]
+
+
 @functools.lru_cache(maxsize=1)
-def _product_words() -> re.Pattern[str] | None:
-    """Catalog phrases that name a product or its look but contain a scene word
-    ("rain boots", "snow white", "a retro sunset graphic", "table lamp"): masked before
-    the scene words are looked for, so they are not read as weather, a room or a light
-    ("recolor the table lamp light gray" says no "lamp light")."""
+def _catalog_vocabulary() -> _Vocabulary | None:
+    """The packaged catalog's words; None when it cannot be loaded (the rules that need
+    it then find nothing rather than failing the audit)."""
     try:
         from services.datagen.text import load_catalog
 
         catalog = load_catalog()
     except Exception:
         return None
+    nouns: set[str] = set()
+    values: set[str] = set(catalog.patterns)
+    looks: set[str] = {*catalog.logos, *catalog.patterns.values()}
+    for category in catalog.categories:
+        looks.update(category.companions)
+        for product in category.products:
+            nouns.add(product.noun)
+            for slot in ATTRIBUTE_SLOTS:
+                values.update(product.values.get(slot, ()))
+    return _Vocabulary(frozenset(nouns), frozenset(values), frozenset(looks))
+
+
+@functools.lru_cache(maxsize=1)
+def _product_words() -> re.Pattern[str] | None:
+    """Catalog phrases that name a product or its look but contain a scene word
+    ("rain boots", "snow white", "a retro sunset graphic", "table lamp"): masked before
+    the scene words are looked for, so they are not read as weather, a room or a light
+    ("recolor the table lamp light gray" says no "lamp light")."""
+    vocabulary = _catalog_vocabulary()
+    if vocabulary is None:
+        return None
     light_words = {word for term in INDOOR_LIGHT_TERMS for word in term.split()}
     scene = _terms_pattern((*WEATHER_TERMS, *INDOOR_TERMS, *OUTDOOR_TERMS, *light_words))
-    terms: set[str] = {*catalog.logos, *catalog.patterns, *catalog.patterns.values()}
-    for category in catalog.categories:
-        terms.update(category.companions)
-        for product in category.products:
-            terms.add(product.noun)
-            for values in product.values.values():
-                terms.update(values)
+    terms = vocabulary.nouns | vocabulary.values | vocabulary.looks
     with_scene_words = [term for term in terms if scene.search(term.lower())]
     return _terms_pattern(with_scene_words) if with_scene_words else None
 
@@ -282,26 +305,15 @@ def duplicated_words(row: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
 # --- stacked_adjectives -------------------------------------------------------
 
 _MAX_MODIFIERS = 2
-_ATTRIBUTE_SLOTS = ("condition", "style", "texture", "color", "pattern", "material")
 
 
 @functools.lru_cache(maxsize=1)
-def _catalog_vocabulary() -> tuple[re.Pattern[str] | None, re.Pattern[str] | None]:
+def _modifier_patterns() -> tuple[re.Pattern[str] | None, re.Pattern[str] | None]:
     """(attribute value pattern, product noun pattern) from the packaged catalog."""
-    try:
-        from services.datagen.text import load_catalog
-
-        catalog = load_catalog()
-    except Exception:
+    vocabulary = _catalog_vocabulary()
+    if vocabulary is None:
         return None, None
-    values: set[str] = set(catalog.patterns)
-    nouns: set[str] = set()
-    for category in catalog.categories:
-        for product in category.products:
-            nouns.add(product.noun)
-            for slot in _ATTRIBUTE_SLOTS:
-                values.update(product.values.get(slot, ()))
-    return _terms_pattern(values), _terms_pattern(nouns)
+    return _terms_pattern(vocabulary.values), _terms_pattern(vocabulary.nouns)
 
 
 # Where the noun phrase ends when no known product noun is found.
@@ -319,7 +331,7 @@ def stacked_adjectives(row: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
     Counted as catalog attribute values in front of the first product noun
     (after any "an oil painting of" / "a pair of").
     """
-    values, nouns = _catalog_vocabulary()
+    values, nouns = _modifier_patterns()
     if values is None or nouns is None:
         return
     for fld in CAPTION_FIELDS:

@@ -14,13 +14,9 @@ instruction; the synthesizer schedules, samples and de-duplicates rows.
 from .articles import indefinite_article, with_article
 from .captions import SLOT_NAMES, caption_segments, render_caption
 from .catalog import Catalog, CatalogError, load_catalog
-from .edits import DEFAULT_EDIT_TYPES, EDIT_TYPES, EditType
+from .edits import DEFAULT_EDIT_TYPES, EDIT_TYPE_NAMES, EDIT_TYPES, EditType, resolve_edit_types
 from .export import row_to_json, write_jsonl
 from .synthesizer import MAX_ROWS, SpaceExhaustedError, TextRow, synthesize
-
-# Every edit type, the opt-in ones (exact lettering) included; DEFAULT_EDIT_TYPES:
-# the ones a run uses unless it names its own.
-EDIT_TYPE_NAMES: tuple[str, ...] = tuple(edit.name for edit in EDIT_TYPES)
 
 __all__ = [
     "DEFAULT_EDIT_TYPES",
@@ -37,6 +33,7 @@ __all__ = [
     "indefinite_article",
     "load_catalog",
     "render_caption",
+    "resolve_edit_types",
     "row_to_json",
     "synthesize",
     "with_article",

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import random
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TypeVar
@@ -44,10 +44,12 @@ __all__ = [
     "BRAND_NEW",
     "DEFAULT_EDIT_TYPES",
     "EDIT_TYPES",
+    "EDIT_TYPE_NAMES",
     "Edit",
     "EditContext",
     "EditType",
     "edit_type",
+    "resolve_edit_types",
 ]
 
 T = TypeVar("T")
@@ -931,5 +933,20 @@ def _photo_realism(ctx: EditContext, wording: EditWording) -> Edit | None:
 
 
 EDIT_TYPES: tuple[EditType, ...] = tuple(_REGISTRY.values())
+EDIT_TYPE_NAMES: tuple[str, ...] = tuple(edit.name for edit in EDIT_TYPES)
 # The edit types a run uses unless it names its own.
 DEFAULT_EDIT_TYPES: tuple[str, ...] = tuple(e.name for e in EDIT_TYPES if e.default_enabled)
+
+
+def resolve_edit_types(names: Collection[str] | None = None) -> tuple[EditType, ...]:
+    """The edit types of these names, in registry order (None: the default set, which
+    leaves out the opt-in ones such as ``text_print``). Unknown names raise ValueError."""
+    if isinstance(names, str):
+        raise ValueError("edit_types must be a collection of names, not one string")
+    wanted = DEFAULT_EDIT_TYPES if names is None else tuple(names)
+    unknown = sorted(set(wanted) - set(EDIT_TYPE_NAMES))
+    if unknown:
+        raise ValueError(f"unknown edit types {unknown}; known: {', '.join(EDIT_TYPE_NAMES)}")
+    if not wanted:
+        raise ValueError("edit_types must name at least one edit type")
+    return tuple(edit for edit in EDIT_TYPES if edit.name in wanted)

@@ -33,14 +33,7 @@ from .catalog import Catalog, Category, Product, load_catalog
 from .catalog_schema import Setting, compatible
 from .choices import free_choice
 from .coherence import DEFAULT_MAX_ATTRIBUTES, coherent, lighting_fits, setting_of_scene
-from .edits import (
-    DEFAULT_EDIT_TYPES,
-    EDIT_TYPES,
-    EditContext,
-    EditType,
-    logo_graphic,
-    text_graphic,
-)
+from .edits import EditContext, EditType, logo_graphic, resolve_edit_types, text_graphic
 
 T = TypeVar("T")
 
@@ -48,7 +41,6 @@ __all__ = [
     "MAX_ROWS",
     "SpaceExhaustedError",
     "TextRow",
-    "resolve_edit_types",
     "sample_input",
     "synthesize",
 ]
@@ -101,19 +93,6 @@ class TextRow:
             "input_slots": dict(self.input_slots),
             "output_slots": dict(self.output_slots),
         }
-
-
-def resolve_edit_types(names: Sequence[str] | None = None) -> tuple[EditType, ...]:
-    """The edit types of these names, in registry order (None: the default set, which
-    leaves out the opt-in ones such as ``text_print``). Unknown names raise ValueError."""
-    wanted = DEFAULT_EDIT_TYPES if names is None else tuple(names)
-    known = {edit.name for edit in EDIT_TYPES}
-    unknown = [name for name in wanted if name not in known]
-    if unknown:
-        raise ValueError(f"unknown edit types {unknown}; known: {sorted(known)}")
-    if not wanted:
-        raise ValueError("edit_types must name at least one edit type")
-    return tuple(edit for edit in EDIT_TYPES if edit.name in wanted)
 
 
 def synthesize(

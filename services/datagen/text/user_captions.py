@@ -34,7 +34,8 @@ Rules that keep the output honest:
   words.
 * Weather and seasons are only added to a caption that is outdoors (a place
   the catalog lists as outdoor, or weather/season already in the caption).
-* No third attribute word is added in front of the noun (``MAX_ADJECTIVES``).
+* No third attribute word is added in front of the noun (the synthesizer's
+  ``DEFAULT_MAX_ATTRIBUTES``).
 * Each row must pass the data audit (``services.datagen.audit``): an edit
   whose row breaks a rule that the unedited caption does not break is
   skipped and another draw or edit type is tried.
@@ -66,13 +67,17 @@ from .articles import indefinite_article, with_article
 from .captions import ADJECTIVE_SLOTS, SLOT_NAMES, empty_slots
 from .catalog import Catalog, Category, Product, load_catalog
 from .catalog_schema import Setting
-from .coherence import scene_ok, setting_of_scene
-from .coherence import words_apart as _words_apart
-from .edits import DEFAULT_EDIT_TYPES, EDIT_TYPES, Edit, EditContext, EditType
+from .coherence import (
+    DEFAULT_MAX_ATTRIBUTES,
+    SKY_SLOTS,
+    scene_ok,
+    setting_of_scene,
+    words_apart,
+)
+from .edits import Edit, EditContext, EditType, resolve_edit_types
 
 __all__ = [
     "DEFAULT_EDITS_PER_CAPTION",
-    "MAX_ADJECTIVES",
     "CaptionFile",
     "CaptionFileError",
     "CaptionInput",
@@ -89,9 +94,6 @@ __all__ = [
 ]
 
 DEFAULT_EDITS_PER_CAPTION = 3
-# Attribute words in front of the noun after which no edit adds another
-# ("a vintage red floral cotton hoodie" reads as a keyword list).
-MAX_ADJECTIVES = 2
 # Draws per edit type for one caption (a draw may pick a value the audit flags).
 _DRAWS_PER_EDIT_TYPE = 3
 _TRAILING_SLOTS = ("graphic", "companion", "decor", "surface", "place", "background")
@@ -107,7 +109,6 @@ _CLAUSE_SLOTS = ("weather", "season", "lighting", "view", "filter")
 _SCENE_SLOTS = (*_TRAILING_SLOTS, *_CLAUSE_SLOTS)
 # Slots that are only added when everything after the product is understood.
 _NEEDS_KNOWN_SCENE = frozenset({*_TRAILING_SLOTS, "lighting", "weather", "season"})
-_SKY_SLOTS = ("weather", "season")
 _SLOT_ORDER = {slot: position for position, slot in enumerate(SLOT_NAMES)}
 _WORD = r"[\w-]"
 _FINAL_PUNCTUATION = re.compile(r"[.!]+$")
@@ -217,7 +218,7 @@ class ParsedCaption:
     def outdoors(self) -> bool:
         """An outdoor surface, place or background, or a sky phrase the user wrote."""
         setting = setting_of_scene(self.category, self.slots)
-        return setting is Setting.OUTDOOR or any(self.slots[slot] for slot in _SKY_SLOTS)
+        return setting is Setting.OUTDOOR or any(self.slots[slot] for slot in SKY_SLOTS)
 
     def adjectives_before_noun(self) -> int:
         return sum(
@@ -335,16 +336,7 @@ def map_captions(
         raise ValueError(f"edits_per_caption must be an integer, got {edits_per_caption!r}")
     if edits_per_caption < 1:
         raise ValueError(f"edits_per_caption must be at least 1, got {edits_per_caption}")
-    known = [edit.name for edit in EDIT_TYPES]
-    if edit_types is None:
-        enabled = tuple(edit for edit in EDIT_TYPES if edit.name in DEFAULT_EDIT_TYPES)
-    else:
-        if isinstance(edit_types, str):
-            raise ValueError("edit_types must be a collection of names, not one string")
-        unknown = sorted(set(edit_types) - set(known))
-        if unknown:
-            raise ValueError(f"unknown edit types {unknown}; known: {', '.join(known)}")
-        enabled = tuple(edit for edit in EDIT_TYPES if edit.name in set(edit_types))
+    enabled = resolve_edit_types(edit_types)
     catalog = catalog if catalog is not None else load_catalog()
 
     mapping = CaptionMapping(rows=[], problems=[])
@@ -781,7 +773,7 @@ def _row(
     changes = {slot: value for slot, value in edit.changes.items() if value != input_slots[slot]}
     if not changes:
         return None
-    adds_sky = any(changes.get(slot) for slot in _SKY_SLOTS)
+    adds_sky = any(changes.get(slot) for slot in SKY_SLOTS)
     if adds_sky and not parsed.outdoors:
         return None
     output = _rewrite(parsed, changes)
@@ -792,8 +784,8 @@ def _row(
         return None
     output_slots = {**input_slots, **changes}
     # The synthesizer's own scene and word rules: an edit may not break what held.
-    for rule in (_scene_ok, _words_apart_of):
-        if rule(parsed, output_slots) is False and rule(parsed, input_slots) is not False:
+    for holds in (functools.partial(scene_ok, parsed.catalog, parsed.category), words_apart):
+        if holds(input_slots) and not holds(output_slots):
             return None
     if _audit_failures(parsed.text, edit.instruction, output, input_slots, output_slots) - baseline:
         return None
@@ -808,14 +800,6 @@ def _row(
         "input_slots": dict(input_slots),
         "output_slots": output_slots,
     }
-
-
-def _scene_ok(parsed: ParsedCaption, slots: Mapping[str, str]) -> bool:
-    return scene_ok(parsed.catalog, parsed.category, slots)
-
-
-def _words_apart_of(parsed: ParsedCaption, slots: Mapping[str, str]) -> bool:
-    return _words_apart(slots)
 
 
 def _audit_failures(
@@ -900,7 +884,7 @@ def _insertion(
         if parsed.unknown_in_phrase:
             return None  # where it goes among unknown words is anyone's guess
         added = sum(1 for s in ADJECTIVE_SLOTS if changes.get(s) and not parsed.slots[s])
-        if parsed.adjectives_before_noun() + added > MAX_ADJECTIVES:
+        if parsed.adjectives_before_noun() + added > DEFAULT_MAX_ATTRIBUTES:
             return None
         order = ADJECTIVE_SLOTS.index(slot)
         later = [
